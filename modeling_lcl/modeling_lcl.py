@@ -92,6 +92,15 @@ class LCLModelOutput(ModelOutput):
         Causal-transformer hidden states, see `LCLTextModelOutput`.
     vision_outputs (`LCLVisionModelOutput`, *optional*):
         The vision tower's outputs, when images were given.
+    logits_per_image (`torch.FloatTensor` of shape `(num_images, batch_size)`, *optional*):
+        Retrieval mode only (images + plain prompts, see `LCLModel.forward`): scaled cosine similarity of
+        each image with each prompt, as in CLIP.
+    logits_per_text (`torch.FloatTensor` of shape `(batch_size, num_images)`, *optional*):
+        Retrieval mode only: the transpose of `logits_per_image`.
+    image_embeds (`torch.FloatTensor` of shape `(num_images, projection_dim)`, *optional*):
+        Retrieval mode only: L2-normalised pooled latents.
+    text_embeds (`torch.FloatTensor` of shape `(batch_size, projection_dim)`, *optional*):
+        Retrieval mode only: L2-normalised zero-shot text features (see `get_text_features`).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -101,6 +110,10 @@ class LCLModelOutput(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     vision_outputs: LCLVisionModelOutput | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -523,9 +536,16 @@ class LCLModel(LCLPreTrainedModel):
             1 for real tokens, 0 for padding.
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`, *optional*):
             All images of the batch, in document order (sample 0's images first).
+
+        Retrieval mode: when `input_ids` hold no image-block token at all (no `<soi>`, `<img>` or `<eoi>`)
+        but `pixel_values` are given, the texts are candidate prompts (`<sot> prompt <eot>`), not documents.
+        The output then carries CLIP-style `logits_per_image` / `logits_per_text`, which is what
+        transformers' zero-shot-image-classification pipeline reads.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None and cache is None and not self._has_image_block_tokens(input_ids):
+            return self._retrieval_forward(input_ids, attention_mask, pixel_values)
         if cache is None or cache.get_seq_length() == 0:
             # With a filled cache, only new text tokens arrive: there is nothing to check.
             validate_image_blocks(input_ids, attention_mask, pixel_values, self.config)
@@ -556,6 +576,25 @@ class LCLModel(LCLPreTrainedModel):
             cache=text_outputs.cache,
             hidden_states=text_outputs.hidden_states,
             vision_outputs=vision_outputs,
+        )
+
+
+    def _has_image_block_tokens(self, input_ids: torch.LongTensor) -> bool:
+        config = self.config
+        block_ids = torch.tensor(
+            [config.image_token_id, config.image_start_token_id, config.image_end_token_id], device=input_ids.device
+        )
+        return bool(torch.isin(input_ids, block_ids).any())
+
+    def _retrieval_forward(self, input_ids, attention_mask, pixel_values) -> LCLModelOutput:
+        image_embeds = self.get_image_features(pixel_values, normalize=True)
+        text_embeds = self.get_text_features(input_ids, attention_mask, normalize=True)
+        logits_per_text = self.logit_scale.exp() * text_embeds @ image_embeds.T
+        return LCLModelOutput(
+            logits_per_image=logits_per_text.T,
+            logits_per_text=logits_per_text,
+            image_embeds=image_embeds,
+            text_embeds=text_embeds,
         )
 
 
@@ -688,6 +727,9 @@ class LCLForPreTraining(LCLPreTrainedModel):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if pixel_values is not None:
+            # Checked here too: LCLModel would read images + plain texts as a retrieval query.
+            validate_image_blocks(input_ids, attention_mask, pixel_values, self.config)
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
