@@ -87,11 +87,7 @@ class LCLTextConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         # Checked here rather than in `validate_architecture` so that users get a plain ValueError.
-        if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(
-                f"text_config.hidden_size ({self.hidden_size}) is not divisible by "
-                f"text_config.num_attention_heads ({self.num_attention_heads})."
-            )
+        _check_heads("text_config", self.hidden_size, self.num_attention_heads)
 
 
 @strict
@@ -162,6 +158,8 @@ class LCLConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if isinstance(self.vision_config, dict):
             self.vision_config = {**LCL_VISION_DEFAULTS, **self.vision_config}
+            # Checked before CLIPVisionConfig sees it, which would wrap the error in its own exception type.
+            _check_heads("vision_config", self.vision_config["hidden_size"], self.vision_config["num_attention_heads"])
         # The special ids are stated once, here; the causal head (and generation) read the same values.
         text_ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
         if self.text_config is None or isinstance(self.text_config, dict):
@@ -183,11 +181,7 @@ class LCLConfig(PreTrainedConfig):
 
     def _check_consistency(self):
         vision, text = self.vision_config, self.text_config
-        if vision.hidden_size % vision.num_attention_heads != 0:
-            raise ValueError(
-                f"vision_config.hidden_size ({vision.hidden_size}) is not divisible by "
-                f"vision_config.num_attention_heads ({vision.num_attention_heads})."
-            )
+        _check_heads("vision_config", vision.hidden_size, vision.num_attention_heads)
         if self.projection_dim % self.pooler_num_attention_heads != 0:
             raise ValueError(
                 f"projection_dim ({self.projection_dim}) is not divisible by "
@@ -215,6 +209,13 @@ class LCLConfig(PreTrainedConfig):
                 f"An image block (<soi> + {self.num_image_tokens} <img> + <eoi>) does not fit in "
                 f"text_config.max_position_embeddings ({text.max_position_embeddings})."
             )
+
+
+def _check_heads(name: str, hidden_size: int, num_heads: int) -> None:
+    if hidden_size % num_heads != 0:
+        raise ValueError(
+            f"{name}.hidden_size ({hidden_size}) is not divisible by {name}.num_attention_heads ({num_heads})."
+        )
 
 
 def _patch_grid(image_size, patch_size) -> int:

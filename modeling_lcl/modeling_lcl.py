@@ -542,13 +542,12 @@ class LCLModel(LCLPreTrainedModel):
         The output then carries CLIP-style `logits_per_image` / `logits_per_text`, which is what
         transformers' zero-shot-image-classification pipeline reads.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        real_tokens = current_token_mask(input_ids, attention_mask)
         if pixel_values is not None and cache is None and not self._has_image_block_tokens(input_ids):
-            return self._retrieval_forward(input_ids, attention_mask, pixel_values)
+            return self._retrieval_forward(input_ids, real_tokens, pixel_values)
         if cache is None or cache.get_seq_length() == 0:
             # With a filled cache, only new text tokens arrive: there is nothing to check.
-            validate_image_blocks(input_ids, attention_mask, pixel_values, self.config)
+            validate_image_blocks(input_ids, real_tokens, pixel_values, self.config)
 
         vision_outputs = None
         if pixel_values is not None:
@@ -566,7 +565,7 @@ class LCLModel(LCLPreTrainedModel):
             **kwargs,
         )
         hidden = text_outputs.last_hidden_state
-        soi_mask = (input_ids == self.config.image_start_token_id) & attention_mask.bool()
+        soi_mask = (input_ids == self.config.image_start_token_id) & real_tokens.bool()
         soi_positions = soi_mask.nonzero()
         return LCLModelOutput(
             last_hidden_state=hidden,
@@ -596,6 +595,17 @@ class LCLModel(LCLPreTrainedModel):
             image_embeds=image_embeds,
             text_embeds=text_embeds,
         )
+
+
+def current_token_mask(input_ids: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """`(batch_size, sequence_length)` mask of the real tokens among `input_ids`.
+
+    While decoding with a cache, `attention_mask` also covers the cached tokens: its last columns are the
+    ones of the current `input_ids`.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    return attention_mask[:, -input_ids.shape[1] :]
 
 
 def validate_image_blocks(
@@ -725,11 +735,10 @@ class LCLForPreTraining(LCLPreTrainedModel):
             Global denominators of the two means. A trainer sets them under gradient accumulation or on
             several processes so that every micro-batch's share adds up to the mean over the global batch.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        real_tokens = current_token_mask(input_ids, attention_mask)
         if pixel_values is not None:
             # Checked here too: LCLModel would read images + plain texts as a retrieval query.
-            validate_image_blocks(input_ids, attention_mask, pixel_values, self.config)
+            validate_image_blocks(input_ids, real_tokens, pixel_values, self.config)
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -753,8 +762,9 @@ class LCLForPreTraining(LCLPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
         if return_loss:
-            self._add_losses(result, input_ids, attention_mask, outputs, num_contrastive_pairs_in_batch,
-                             num_generation_targets_in_batch)
+            self._add_losses(
+                result, input_ids, real_tokens, outputs, num_contrastive_pairs_in_batch, num_generation_targets_in_batch
+            )
         return result
 
     def _add_losses(self, result, input_ids, attention_mask, outputs, num_pairs_global, num_targets_global):
