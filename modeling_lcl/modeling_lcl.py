@@ -12,17 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.clip.modeling_clip import (
-    CLIPMLP,
-    CLIPAttention,
-    CLIPPreTrainedModel,
-    CLIPVisionEmbeddings,
-    eager_attention_forward,
-)
+from transformers.models.clip.modeling_clip import CLIPMLP, eager_attention_forward
 from transformers.utils import ModelOutput
 
 from .configuration_lcl import LCLConfig, LCLTextConfig
@@ -173,40 +168,45 @@ class LCLPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _no_split_modules = ["CLIPEncoderLayer", "CLIPVisionEmbeddings", "LCLTextDecoderLayer", "LCLAttentivePooler"]
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # transformers skips parameter-less modules of custom code, assuming unguarded in-place init; ours goes
+        # through `transformers.initialization`, which never overwrites loaded weights, so composite modules
+        # (attention, MLP, heads) can own the initialisation of their projections.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module):
-        """CLIP's initialisation for the ViT and the causal blocks, LayerNorms at identity."""
-        config = self.config
-        factor = config.initializer_factor
-        if isinstance(module, (CLIPVisionEmbeddings, CLIPAttention, CLIPMLP)):
-            # Same math as CLIP; that method only reads `self.config.initializer_factor`.
-            CLIPPreTrainedModel._init_weights(self, module)
-        elif isinstance(module, LCLTextAttention):
-            width = module.config.hidden_size
-            in_std = width**-0.5 * (2 * module.config.num_hidden_layers) ** -0.5 * factor
+        """OpenCLIP's initialisation, module by module (the ViT, a stock CLIPVisionModel, initialises itself)."""
+        factor = self.config.initializer_factor
+        if isinstance(module, LCLTextAttention):
+            width, layers = module.config.hidden_size, module.config.num_hidden_layers
             for proj in (module.q_proj, module.k_proj, module.v_proj):
-                nn.init.normal_(proj.weight, std=in_std)
-                nn.init.zeros_(proj.bias)
-            nn.init.normal_(module.out_proj.weight, std=width**-0.5 * factor)
-            nn.init.zeros_(module.out_proj.bias)
+                init.normal_(proj.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+                init.zeros_(proj.bias)
+            init.normal_(module.out_proj.weight, std=width**-0.5 * factor)
+            init.zeros_(module.out_proj.bias)
+        elif isinstance(module, CLIPMLP):
+            width, layers = module.config.hidden_size, module.config.num_hidden_layers
+            init.normal_(module.fc1.weight, std=(2 * width) ** -0.5 * factor)
+            init.normal_(module.fc2.weight, std=width**-0.5 * (2 * layers) ** -0.5 * factor)
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
         elif isinstance(module, LCLTextEmbeddings):
-            # OpenCLIP's text-tower initialisation.
-            nn.init.normal_(module.token_embedding.weight, std=0.02 * factor)
-            nn.init.normal_(module.position_embedding.weight, std=0.01 * factor)
+            init.normal_(module.token_embedding.weight, std=0.02 * factor)
+            init.normal_(module.position_embedding.weight, std=0.01 * factor)
         elif isinstance(module, LCLAttentivePooler):
-            nn.init.normal_(module.probe, std=module.probe.shape[-1] ** -0.5 * factor)
+            init.normal_(module.probe, std=module.probe.shape[-1] ** -0.5 * factor)
             for proj in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                nn.init.normal_(proj.weight, std=proj.in_features**-0.5 * factor)
+                init.normal_(proj.weight, std=proj.in_features**-0.5 * factor)
                 if proj.bias is not None:
-                    nn.init.zeros_(proj.bias)
+                    init.zeros_(proj.bias)
+        elif isinstance(module, LCLLMHead):
+            init.normal_(module.proj.weight, std=module.proj.in_features**-0.5 * factor)
         elif isinstance(module, LCLModel):
-            nn.init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
-            with torch.no_grad():
-                module.logit_scale.fill_(config.logit_scale_init_value)
-        elif isinstance(module, LCLForPreTraining):
-            nn.init.normal_(module.lm_head.proj.weight, std=module.lm_head.proj.in_features**-0.5 * factor)
-        if isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.normal_(module.text_projection.weight, std=module.text_projection.in_features**-0.5 * factor)
+            init.constant_(module.logit_scale, self.config.logit_scale_init_value)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,11 +382,6 @@ class LCLTextModel(LCLPreTrainedModel):
         self.embeddings = LCLTextEmbeddings(config)
         self.layers = nn.ModuleList(LCLTextDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.post_init()
-
-    def _init_weights(self, module):
-        # The causal head alone has no LCLConfig; its initialisation only needs the factor.
-        if isinstance(module, (LCLTextAttention, LCLTextEmbeddings, CLIPMLP, nn.LayerNorm)):
-            LCLPreTrainedModel._init_weights(self, module)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embeddings.token_embedding

@@ -415,3 +415,17 @@ def test_save_and_load_round_trip_through_the_auto_classes(config, batch, tmp_pa
     base = AutoModel.from_pretrained(tmp_path).eval()
     assert type(base) is LCLModel
     torch.testing.assert_close(base(**batch).last_hidden_state, before.last_hidden_state, atol=1e-6, rtol=1e-6)
+
+
+def test_initialisation_follows_openclip_scales():
+    torch.manual_seed(0)
+    config = tiny_config(text_config=dict(vocab_size=2000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=48), projection_dim=64)
+    model = LCLForPreTraining(config)
+    text = model.lcl.text_model
+    assert text.embeddings.token_embedding.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert text.embeddings.position_embedding.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert text.layers[0].self_attn.q_proj.weight.std().item() == pytest.approx(64**-0.5 * 4**-0.5, rel=0.1)
+    assert model.lm_head.proj.weight.std().item() == pytest.approx(64**-0.5, rel=0.05)
+    assert model.lcl.logit_scale.item() == pytest.approx(config.logit_scale_init_value)
+    assert torch.equal(model.lm_head.layer_norm.weight, torch.ones(64))
