@@ -449,6 +449,9 @@ class LCLModel(LCLPreTrainedModel):
     image i replace the `<img>` placeholders of block i.
     """
 
+    # A pre-training checkpoint also holds the LM head, which only LCLForPreTraining uses.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]
+
     def __init__(self, config: LCLConfig):
         super().__init__(config)
         self.vision_model = LCLVisionModel._from_config(config)
