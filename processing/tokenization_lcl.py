@@ -1,0 +1,152 @@
+"""The LCL tokenizer: CLIP's byte-level BPE with the reference text cleaning, plus three image tokens.
+
+The reference (OpenCLIP's `SimpleTokenizer`) cleans every text in Python before BPE:
+`ftfy.fix_text`, `html.unescape` twice, whitespace collapse, lower-casing. transformers' CLIP tokenizer
+skips ftfy and HTML unescaping, so it disagrees on mojibake, entities and some Unicode. `LCLTokenizer`
+runs the same cleaning in Python, then a `tokenizers` pipeline whose pre-tokenizer is the reference
+regex, so the ids are the reference ids.
+
+Vocabulary layout (CLIP: 49,406 BPE tokens, then the special tokens in this order):
+
+    0 .. V-1   BPE: 256 byte symbols, the same 256 with `</w>`, then one token per merge
+    V          <start_of_text>   (<sot>, bos)
+    V + 1      <end_of_text>     (<eot>, eos)
+    V + 2      <img_placehold>   (<img>)
+    V + 3      <start_of_img>    (<soi>)
+    V + 4      <end_of_img>      (<eoi>)
+
+Padding: the reference pads with id 0, which is a real token (`!`), so it cannot be the tokenizer's
+`pad_token` (every `!` would become padding). `LCLProcessor` pads with 0 as the reference; the tokenizer
+used alone pads with `<end_of_text>` as transformers' CLIP does. Either way the model reads padding from
+`attention_mask`, never from the id.
+"""
+
+import html
+from collections.abc import Iterable
+
+import ftfy
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE
+from transformers import TokenizersBackend
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+BOS_TOKEN = "<start_of_text>"
+EOS_TOKEN = "<end_of_text>"
+IMAGE_TOKEN = "<img_placehold>"
+IMAGE_START_TOKEN = "<start_of_img>"
+IMAGE_END_TOKEN = "<end_of_img>"
+SPECIAL_TOKENS = (BOS_TOKEN, EOS_TOKEN, IMAGE_TOKEN, IMAGE_START_TOKEN, IMAGE_END_TOKEN)
+END_OF_WORD = "</w>"
+
+# The reference pre-tokenizer: contractions, runs of letters, single digits, runs of other symbols.
+# (?i) because the reference compiles it with IGNORECASE (it matters for e.g. "'ſ" after lower-casing).
+PRE_TOKENIZER_PATTERN = r"""(?i)'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def clean_text(text: str) -> str:
+    """The reference cleaning ("lower"): ftfy, HTML unescape twice, whitespace collapse, lower-case."""
+    text = ftfy.fix_text(text)
+    text = html.unescape(html.unescape(text))
+    return " ".join(text.split()).lower()
+
+
+def bpe_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary order: the 256 byte symbols, the same with `</w>`, then one token per merge."""
+    symbols = list(bytes_to_unicode().values())
+    tokens = symbols + [symbol + END_OF_WORD for symbol in symbols] + ["".join(merge) for merge in merges]
+    vocab = {}
+    for token in tokens:
+        # A merge list may re-create an existing token (trained lists can); keep the first id, as the reference.
+        vocab.setdefault(token, len(vocab))
+    return vocab
+
+
+def build_backend(merges: list[tuple[str, str]]) -> Tokenizer:
+    """The `tokenizers` pipeline for a CLIP-style BPE `merges` list, with the five special tokens appended."""
+    backend = Tokenizer(
+        BPE(
+            vocab=bpe_vocab(merges),
+            merges=merges,
+            continuing_subword_prefix="",
+            end_of_word_suffix=END_OF_WORD,
+            fuse_unk=False,
+        )
+    )
+    # `LCLTokenizer` already cleans in Python; this normalizer is a no-op after that cleaning and keeps
+    # tokenizer.json usable on its own (whitespace collapse + lower-casing, as CLIP's).
+    backend.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRE_TOKENIZER_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    backend.decoder = decoders.Sequence(
+        [decoders.ByteLevel(), decoders.Replace(END_OF_WORD, " "), decoders.Strip(" ", 0, 1)]
+    )
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL_TOKENS])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
+        pair=f"{BOS_TOKEN} $A {EOS_TOKEN} {BOS_TOKEN} $B:1 {EOS_TOKEN}:1",
+        special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN)), (EOS_TOKEN, backend.token_to_id(EOS_TOKEN))],
+    )
+    return backend
+
+
+class LCLTokenizer(TokenizersBackend):
+    """CLIP byte-level BPE with the reference cleaning; `tok("a photo")` gives `<sot> ... <eot>` ids.
+
+    Build it with `processing.build_clip_tokenizer()` (the reference vocabulary) or
+    `processing.build_test_tokenizer()` (a tiny one for tests), or `LCLTokenizer.from_merges(merges)`.
+    The image tokens are named special tokens: `image_token`, `image_start_token`, `image_end_token`
+    (and `*_id`).
+
+    Text given to this tokenizer is cleaned first (see `clean_text`), so the ids equal the reference
+    tokenizer's. As in the reference, special-token strings found in the text become special ids unless
+    `split_special_tokens=True` is passed (the processor always passes it: document text cannot forge
+    an image block).
+    """
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    @classmethod
+    def from_merges(cls, merges: Iterable[tuple[str, str]], **kwargs) -> "LCLTokenizer":
+        """A tokenizer for a CLIP-style merges list (pairs of symbols, in rank order)."""
+        backend = build_backend([tuple(merge) for merge in merges])
+        return cls(
+            tokenizer_object=backend,
+            bos_token=BOS_TOKEN,
+            eos_token=EOS_TOKEN,
+            pad_token=EOS_TOKEN,
+            extra_special_tokens={
+                "image_token": IMAGE_TOKEN,
+                "image_start_token": IMAGE_START_TOKEN,
+                "image_end_token": IMAGE_END_TOKEN,
+            },
+            clean_up_tokenization_spaces=False,
+            **kwargs,
+        )
+
+    def _encode_plus(self, text, text_pair=None, *args, is_split_into_words: bool = False, **kwargs):
+        # Every encoding entry point (`__call__`, `encode`, `tokenize`) of the backend lands here.
+        return super()._encode_plus(
+            _clean_input(text, is_split_into_words),
+            _clean_input(text_pair, is_split_into_words),
+            *args,
+            is_split_into_words=is_split_into_words,
+            **kwargs,
+        )
+
+
+def _clean_input(text, is_split_into_words: bool):
+    """Apply `clean_text` to a text, a batch of texts, or (pre-split input) to every word."""
+    if text is None:
+        return None
+    if isinstance(text, str):
+        return clean_text(text)
+    if is_split_into_words and text and isinstance(text[0], str):
+        return [clean_text(word) for word in text]
+    return [_clean_input(item, is_split_into_words) for item in text]
+
+
+__all__ = ["LCLTokenizer", "clean_text", "bpe_vocab", "build_backend", "SPECIAL_TOKENS"]
