@@ -1,10 +1,19 @@
 """Latent Compression Learning (LCL) as a native Transformers model.
 
-Importing this package registers the model with the Auto classes:
-`AutoConfig` ("lcl"), `AutoModel` -> `LCLModel`, `AutoModelForPreTraining` -> `LCLForPreTraining`.
+Importing this package registers the model with the Auto classes: `AutoConfig` ("lcl"),
+`AutoModel` and `AutoModelForZeroShotImageClassification` -> `LCLModel`, `AutoModelForPreTraining` ->
+`LCLForPreTraining`, `AutoModelForImageTextToText` -> `LCLForConditionalGeneration` (captioning),
+`AutoModelForImageClassification` -> `LCLForImageClassification`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    AutoModelForImageTextToText,
+    AutoModelForPreTraining,
+    AutoModelForZeroShotImageClassification,
+)
 
 from .configuration_lcl import LCLConfig, LCLTextConfig
 from .modeling_lcl import (
@@ -17,11 +26,15 @@ from .modeling_lcl import (
     LCLVisionModel,
     LCLVisionModelOutput,
 )
+from .modeling_lcl_tasks import LCLForConditionalGeneration, LCLForImageClassification
 
 AutoConfig.register(LCLConfig.model_type, LCLConfig, exist_ok=True)
 AutoConfig.register(LCLTextConfig.model_type, LCLTextConfig, exist_ok=True)
 AutoModel.register(LCLConfig, LCLModel, exist_ok=True)
 AutoModelForPreTraining.register(LCLConfig, LCLForPreTraining, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(LCLConfig, LCLModel, exist_ok=True)
+AutoModelForImageTextToText.register(LCLConfig, LCLForConditionalGeneration, exist_ok=True)
+AutoModelForImageClassification.register(LCLConfig, LCLForImageClassification, exist_ok=True)
 
 __all__ = [
     "LCLConfig",
@@ -31,6 +44,8 @@ __all__ = [
     "LCLTextModel",
     "LCLModel",
     "LCLForPreTraining",
+    "LCLForConditionalGeneration",
+    "LCLForImageClassification",
     "LCLVisionModelOutput",
     "LCLModelOutput",
     "LCLForPreTrainingOutput",

@@ -17,6 +17,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+CLASSIFIER_POOLING_CHOICES = ("latent", "mean")
+
 # The reference ViT differs from CLIPVisionConfig's defaults (quick_gelu, patch 32) only here.
 LCL_VISION_DEFAULTS = {
     "hidden_size": 768,
@@ -130,6 +132,9 @@ class LCLConfig(PreTrainedConfig):
             from this id, so the real token 0 (`!`) is still learned.
         initializer_factor (`float`, defaults to 1.0):
             Multiplier on every initialisation standard deviation.
+        classifier_pooling (`str`, defaults to `"latent"`):
+            Image representation of `LCLForImageClassification`: the pooled latent (`"latent"`) or the mean of
+            the ViT's patch tokens (`"mean"`).
     """
 
     model_type = "lcl"
@@ -153,9 +158,14 @@ class LCLConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = 49407
     pad_token_id: int | None = 0
     initializer_factor: float = 1.0
+    classifier_pooling: str = "latent"
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if self.classifier_pooling not in CLASSIFIER_POOLING_CHOICES:
+            raise ValueError(
+                f"classifier_pooling must be one of {CLASSIFIER_POOLING_CHOICES}, got {self.classifier_pooling!r}."
+            )
         if isinstance(self.vision_config, dict):
             self.vision_config = {**LCL_VISION_DEFAULTS, **self.vision_config}
             # Checked before CLIPVisionConfig sees it, which would wrap the error in its own exception type.

@@ -18,7 +18,14 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast, ImageClassifierOutput
 
 from .configuration_lcl import LCLConfig
-from .modeling_lcl import LCLLMHead, LCLModel, LCLPreTrainedModel, LCLVisionModel, validate_image_blocks
+from .modeling_lcl import (
+    LCLLMHead,
+    LCLModel,
+    LCLPreTrainedModel,
+    LCLVisionModel,
+    current_token_mask,
+    validate_image_blocks,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Captioning / multimodal generation
@@ -35,6 +42,9 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
     Images are encoded once: transformers' `prepare_inputs_for_generation` forwards `pixel_values`
     only on the prefill step when a cache is used (after that the image tokens live in the cache),
     and on every step with `use_cache=False`, where the whole sequence is re-read.
+
+    The default generation config suppresses the image-block tokens (`<soi>`, `<img>`, `<eoi>`): the
+    model cannot produce pixels, so an emitted block could never be filled.
     """
 
     def __init__(self, config: LCLConfig):
@@ -42,14 +52,22 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
         self.lcl = LCLModel(config)
         self.lm_head = LCLLMHead(config.text_config)
         self.post_init()
+        self._set_generation_defaults()
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        # Dispatched on the head itself: transformers only initialises modules whose own weights are
-        # missing from a checkpoint, and the root module owns no weights.
-        if isinstance(module, LCLLMHead):
-            # Same scale as LCLForPreTraining's head, so both classes start from the same distribution.
-            init.normal_(module.proj.weight, std=module.proj.in_features**-0.5 * self.config.initializer_factor)
+    def _set_generation_defaults(self):
+        if self.generation_config.suppress_tokens is None:
+            config = self.config
+            self.generation_config.suppress_tokens = [
+                config.image_start_token_id,
+                config.image_token_id,
+                config.image_end_token_id,
+            ]
+
+    def adjust_generation_fn(self, *args, **kwargs):
+        # `from_pretrained` replaces the generation config with the checkpoint's (or one built from its
+        # config.json, e.g. for a pre-training checkpoint): keep the defaults the checkpoint does not set.
+        super().adjust_generation_fn(*args, **kwargs)
+        self._set_generation_defaults()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.lcl.get_input_embeddings()
@@ -102,11 +120,9 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
             `CausalLMOutputWithPast` with `logits` of shape `(batch_size, logits_length, vocab_size)`, `cache`,
             and `loss` (mean next-token cross-entropy) when `labels` are given.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
             # Checked here: LCLModel would read images + plain texts as a retrieval query.
-            validate_image_blocks(input_ids, attention_mask, pixel_values, self.config)
+            validate_image_blocks(input_ids, current_token_mask(input_ids, attention_mask), pixel_values, self.config)
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -172,14 +188,10 @@ def _repeat_images_per_sample(
 # Image classification
 # ----------------------------------------------------------------------------------------------
 
-CLASSIFIER_POOLING_CHOICES = ("latent", "mean")
-
-
 class LCLForImageClassification(LCLPreTrainedModel):
     """The LCL vision tower + a linear classifier.
 
-    The image representation is chosen by `config.classifier_pooling` (an extra config attribute,
-    `"latent"` when absent):
+    The image representation is chosen by `config.classifier_pooling`:
 
     - `"latent"`: the pooled latent `z` of the attentive pooler, `(batch_size, projection_dim)`: the
       representation LCL pre-trains for retrieval and zero-shot use;
@@ -203,11 +215,7 @@ class LCLForImageClassification(LCLPreTrainedModel):
 
     def __init__(self, config: LCLConfig):
         super().__init__(config)
-        self.pooling = getattr(config, "classifier_pooling", "latent")
-        if self.pooling not in CLASSIFIER_POOLING_CHOICES:
-            raise ValueError(
-                f"classifier_pooling must be one of {CLASSIFIER_POOLING_CHOICES}, got {self.pooling!r}."
-            )
+        self.pooling = config.classifier_pooling
         self.num_labels = config.num_labels
         self.vision_model = LCLVisionModel._from_config(config)
         width = config.projection_dim if self.pooling == "latent" else config.vision_config.hidden_size
