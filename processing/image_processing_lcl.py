@@ -85,6 +85,11 @@ class LCLImageProcessor(PilBackend):
         crop_h, crop_w = crop_size.height, crop_size.width
         fits = crop_h <= new_h and crop_w <= new_w
         if not fits or new_h * new_w <= MAX_RESIZE_TO_CROP_RATIO * crop_h * crop_w:
+            if fits and image.dtype == np.uint8 and image.shape[0] == 3:
+                # RGB bytes: what `self.resize` does for them (PIL resize), minus its conversions and copies.
+                pil_image = PIL.Image.fromarray(np.ascontiguousarray(np.moveaxis(image, 0, -1)))
+                resized = np.asarray(pil_image.resize((new_w, new_h), resample=resample))
+                return self.center_crop(np.moveaxis(resized, -1, 0), crop_size)
             resized = self.resize(image, size=SizeDict(height=new_h, width=new_w), resample=resample)
             return self.center_crop(resized, crop_size)
         # Elongated image: resample only the source region that the crop covers.
@@ -135,15 +140,25 @@ class LCLImageProcessor(PilBackend):
 
 
 def _rescale_and_normalize(image: np.ndarray, scale: float, mean, std) -> np.ndarray:
-    """`(image * scale - mean) / std` per channel of `(C, H, W)`, in one float32 pass (the two separate
-    float64 steps of transformers cost more than the resize here)."""
+    """`(image * scale - mean) / std` per channel of `(C, H, W)`, in float32 (the two separate float64 steps of
+    transformers cost more than the resize here). Returns a new contiguous `(C, H, W)` float32 array."""
     mean = np.asarray(mean, dtype=np.float32).reshape(-1, 1, 1)
     std = np.asarray(std, dtype=np.float32).reshape(-1, 1, 1)
     if image.shape[0] != mean.shape[0]:
         raise ValueError(f"image has {image.shape[0]} channels but image_mean has {mean.shape[0]} values.")
+    factor, offset = np.float32(scale) / std, mean / std
+    if image.dtype == np.uint8:
+        # Put the 256 possible values of each channel through the same float32 operations, then look the
+        # pixels up: bit-identical to the arithmetic below, and it reads a strided (H, W, C) view directly.
+        table = np.arange(256, dtype=np.float32)[None, :] * factor[:, :, 0]
+        table -= offset[:, :, 0]
+        out = np.empty(image.shape, dtype=np.float32)
+        for channel in range(image.shape[0]):
+            np.take(table[channel], image[channel], out=out[channel])
+        return out
     out = image.astype(np.float32)
-    out *= np.float32(scale) / std
-    out -= mean / std
+    out *= factor
+    out -= offset
     return out
 
 
