@@ -1,7 +1,8 @@
 """Pre-train an LCL model with `LCLTrainer`: the main job.
 
 With no arguments it pre-trains the tiny demo model (`hub_configs/lcl-tiny-demo`: ViT 4 × 128 on 16×16
-digits, causal head 4 × 128, CLIP BPE) on scikit-learn's handwritten digits, then evaluates the frozen
+digits, causal head 4 × 128, CLIP BPE, λ_con = 1.0 where the reference variants use 0.1) on scikit-learn's
+handwritten digits, then evaluates the frozen
 model on 500 held-out digits (zero-shot accuracy, linear-probe accuracy, image->text R@1), saves the
 model, processor and model card to `outputs/lcl-tiny-demo` and prints a results table:
 
