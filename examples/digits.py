@@ -79,18 +79,34 @@ def load_digit_split(num_eval: int = 500, seed: int = 0) -> DigitSplit:
 
 
 class DigitPairs(Dataset):
-    """Every (training image, caption template) combination as an `{"image", "text"}` pair."""
+    """Every (training image, caption template) combination as an `{"image", "text", "image_first"}` pair.
 
-    def __init__(self, images: list, labels: np.ndarray, templates=CAPTION_TEMPLATES):
+    The layout of pair i (image first with probability `image_first_prob`) is drawn from a generator seeded
+    with `(seed, i)`, so it belongs to the example rather than to the collator's random state: a run resumed
+    from a checkpoint sees the same layouts as an uninterrupted one.
+    """
+
+    def __init__(
+        self, images: list, labels: np.ndarray, templates=CAPTION_TEMPLATES, image_first_prob: float = 0.5, seed: int = 0
+    ):
         self.images, self.labels, self.templates = images, labels, templates
+        self.image_first_prob = image_first_prob
+        self.seed = seed
 
     def __len__(self):
         return len(self.images) * len(self.templates)
 
     def __getitem__(self, index):
+        if not 0 <= index < len(self):
+            raise IndexError(index)
         image_index, template_index = divmod(index, len(self.templates))
         label = int(self.labels[image_index])
-        return {"image": self.images[image_index], "text": describe(self.templates[template_index], label)}
+        image_first = bool(np.random.default_rng((self.seed, index)).random() < self.image_first_prob)
+        return {
+            "image": self.images[image_index],
+            "text": describe(self.templates[template_index], label),
+            "image_first": image_first,
+        }
 
 
 class DigitDocuments(Dataset):
@@ -131,10 +147,14 @@ class DigitDocuments(Dataset):
         return {"segments": segments}
 
 
-def digit_training_data(split: DigitSplit, kind: str = "paired", seed: int = 0) -> Dataset:
+def digit_training_data(
+    split: DigitSplit, kind: str = "paired", seed: int = 0, image_first_prob: float = 0.5
+) -> Dataset:
     """Training examples: `"paired"` captions, `"interleaved"` documents, or `"both"` (concatenated)."""
-    pairs = DigitPairs(split.train_images, split.train_labels)
-    documents = DigitDocuments(split.train_images, split.train_labels, num_documents=len(pairs), seed=seed)
+    pairs = DigitPairs(split.train_images, split.train_labels, image_first_prob=image_first_prob, seed=seed)
+    documents = DigitDocuments(
+        split.train_images, split.train_labels, num_documents=len(pairs), image_first_prob=image_first_prob, seed=seed
+    )
     if kind == "paired":
         return pairs
     if kind == "interleaved":

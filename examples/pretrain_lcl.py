@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import EvalResult
-from threadpoolctl import threadpool_limits
 from torch.utils.data import ConcatDataset
 from transformers import HfArgumentParser, set_seed
 
 from examples.digits import (
     DIGIT_NAMES,
     ZERO_SHOT_TEMPLATES,
+    DigitSplit,
     digit_training_data,
     held_out_captions,
     load_digit_split,
@@ -173,7 +173,8 @@ def training_data(args: ScriptArguments, split, seed: int):
     if not sources:
         if split is None:
             raise ValueError("Training on the digits needs --eval-samples > 0 (the held-out split is kept out).")
-        return digit_training_data(split, args.data, seed), ["scikit-learn digits (UCI optdigits)"]
+        data = digit_training_data(split, args.data, seed, image_first_prob=args.image_first_prob)
+        return data, ["scikit-learn digits (UCI optdigits)"]
     return (sources[0] if len(sources) == 1 else ConcatDataset(sources)), names
 
 
@@ -208,10 +209,7 @@ def evaluate_digits(model: LCLForPreTraining, processor: LCLProcessor, split) ->
 
     train_features = extract_image_features(lcl, _pixel_values(processor, split.train_images))
     eval_features = extract_image_features(lcl, eval_pixels)
-    # One BLAS/OpenMP thread: this problem is tiny, and spinning worker threads on a busy machine make scikit-learn's
-    # solver orders of magnitude slower.
-    with threadpool_limits(limits=1):
-        probe = linear_probe(train_features, split.train_labels, eval_features, split.eval_labels)
+    probe = linear_probe(train_features, split.train_labels, eval_features, split.eval_labels)
 
     # Identical captions (same digit, same template) are one candidate.
     caption_labels = dict(zip(held_out_captions(split.eval_labels), split.eval_labels.tolist()))
@@ -252,23 +250,39 @@ def results_table(rows: dict[str, float]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run(argv=None) -> dict[str, float]:
-    """The whole job; returns the evaluation metrics (empty without held-out digits, or off rank 0)."""
-    script_args, training_args = parse_args(argv)
+@dataclass
+class Job:
+    """What `run` trains and evaluates."""
+
+    trainer: LCLTrainer
+    processor: LCLProcessor
+    split: DigitSplit | None
+    dataset_names: list[str]
+
+
+def build_job(script_args: ScriptArguments, training_args: LCLTrainingArguments, callbacks=None) -> Job:
+    """The model, data, collator and trainer of a run (seeded), before training."""
     set_seed(training_args.seed)
     config = load_config(script_args.config)
     processor = build_processor(config, script_args.tokenizer, script_args.image_first_prob)
     split = load_digit_split(script_args.eval_samples, seed=training_args.seed) if script_args.eval_samples else None
     train_dataset, dataset_names = training_data(script_args, split, training_args.seed)
-
-    model = LCLForPreTraining(config)
     trainer = LCLTrainer(
-        model=model,
+        model=LCLForPreTraining(config),
         args=training_args,
         train_dataset=train_dataset,
         data_collator=LCLDataCollator(processor, seed=training_args.seed),
         processing_class=processor,
+        callbacks=callbacks,
     )
+    return Job(trainer, processor, split, dataset_names)
+
+
+def run(argv=None, callbacks=None) -> dict[str, float]:
+    """The whole job; returns the evaluation metrics (empty without held-out digits, or off rank 0)."""
+    script_args, training_args = parse_args(argv)
+    job = build_job(script_args, training_args, callbacks)
+    trainer, processor, split, dataset_names = job.trainer, job.processor, job.split, job.dataset_names
     resume = training_args.resume_from_checkpoint
     train_output = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
 

@@ -4,6 +4,9 @@ Importing this package registers the model with the Auto classes: `AutoConfig` (
 `AutoModel` and `AutoModelForZeroShotImageClassification` -> `LCLModel`, `AutoModelForPreTraining` ->
 `LCLForPreTraining`, `AutoModelForImageTextToText` -> `LCLForConditionalGeneration` (captioning),
 `AutoModelForImageClassification` -> `LCLForImageClassification`.
+
+`LCLTrainer` and `LCLTrainingArguments` (`trainer_lcl.py`) are exported too, imported on first use so that
+loading a model does not import transformers' `Trainer` stack.
 """
 
 from transformers import (
@@ -36,7 +39,20 @@ AutoModelForZeroShotImageClassification.register(LCLConfig, LCLModel, exist_ok=T
 AutoModelForImageTextToText.register(LCLConfig, LCLForConditionalGeneration, exist_ok=True)
 AutoModelForImageClassification.register(LCLConfig, LCLForImageClassification, exist_ok=True)
 
+_LAZY_EXPORTS = {"LCLTrainer": ".trainer_lcl", "LCLTrainingArguments": ".trainer_lcl"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "LCLTrainer",
+    "LCLTrainingArguments",
     "LCLConfig",
     "LCLTextConfig",
     "LCLPreTrainedModel",

@@ -3,7 +3,8 @@
 Examples (what the readers of this package yield):
 
 - `{"segments": [str | image, ...]}`: an interleaved document;
-- `{"image": image, "text": caption}`: an image-caption pair;
+- `{"image": image, "text": caption}`: an image-caption pair; an optional `"image_first"` (bool) fixes its
+  layout instead of drawing it;
 - `{"text": prompt}`: text alone.
 
 It is the processor's own code path (`build_sequences` + `batch_sequences`), plus what only makes sense
@@ -11,6 +12,7 @@ for a training stream: a seedable image-first draw that differs across DataLoade
 dropping documents that truncation left without any image (the reference skips them too).
 """
 
+import numpy as np
 import torch
 from transformers import BatchFeature
 from transformers.utils import logging
@@ -86,7 +88,10 @@ class LCLDataCollator:
             if example["image"] is None or example.get("text") is None:
                 self.stats.record("skipped_examples")
                 return None
-            return Pair(self._transform(example["image"]), example["text"])
+            image_first = example.get("image_first")
+            if image_first is not None and not isinstance(image_first, (bool, np.bool_)):
+                raise TypeError(f"An example's 'image_first' must be a bool or None, got {image_first!r}.")
+            return Pair(self._transform(example["image"]), example["text"], image_first)
         if "text" in example:
             return Prompt(example["text"])
         raise ValueError(

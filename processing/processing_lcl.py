@@ -35,10 +35,13 @@ class Document:
 
 @dataclass
 class Pair:
-    """An image with its caption."""
+    """An image with its caption. `image_first` fixes the layout of this pair; `None` draws it with the
+    processor's `image_first_prob` (a dataset that decides it per index makes the layout reproducible,
+    e.g. across an interrupted and resumed run)."""
 
     image: Any
     text: str
+    image_first: bool | None = None
 
 
 @dataclass
@@ -301,16 +304,20 @@ class LCLProcessor(ProcessorMixin):
 
     @staticmethod
     def _image_first_draws(samples, image_first_prob: float, generator) -> list[bool]:
-        num_pairs = sum(isinstance(sample, Pair) for sample in samples)
-        if num_pairs == 0 or image_first_prob <= 0.0:
-            pair_draws = [False] * num_pairs
+        """The layout of every sample: a pair's own `image_first` if set, else a draw (False for the others)."""
+        num_draws = sum(isinstance(sample, Pair) and sample.image_first is None for sample in samples)
+        if num_draws == 0 or image_first_prob <= 0.0:
+            drawn = [False] * num_draws
         elif image_first_prob >= 1.0:
-            pair_draws = [True] * num_pairs
+            drawn = [True] * num_draws
         else:
-            pair_draws = (torch.rand(num_pairs, generator=generator) < image_first_prob).tolist()
-        draws, pairs = [], iter(pair_draws)
+            drawn = (torch.rand(num_draws, generator=generator) < image_first_prob).tolist()
+        draws, drawn = [], iter(drawn)
         for sample in samples:
-            draws.append(next(pairs) if isinstance(sample, Pair) else False)
+            if not isinstance(sample, Pair):
+                draws.append(False)
+            else:
+                draws.append(next(drawn) if sample.image_first is None else bool(sample.image_first))
         return draws
 
     def _image_block(self) -> list[int]:

@@ -19,7 +19,9 @@ from examples.digits import (
     held_out_captions,
     load_digit_split,
 )
-from examples.pretrain_lcl import DEMO_TRAINING_DEFAULTS, parse_args, run
+from transformers import TrainerCallback
+
+from examples.pretrain_lcl import DEMO_TRAINING_DEFAULTS, build_job, parse_args, run
 
 # ---------------------------------------------------------------------------------------------
 # The embedded dataset
@@ -49,6 +51,19 @@ def test_pairs_caption_every_training_image_with_every_template(split):
     captions = [pairs[3 * len(CAPTION_TEMPLATES) + t]["text"] for t in range(len(CAPTION_TEMPLATES))]
     assert all(DIGIT_NAMES[label] in caption or str(label) in caption.split() for caption in captions)
     assert pairs[3 * len(CAPTION_TEMPLATES)]["image"] is split.train_images[3]
+
+
+def test_pair_layouts_are_a_seeded_function_of_the_index(split):
+    pairs = DigitPairs(split.train_images, split.train_labels, image_first_prob=0.5, seed=3)
+    layouts = [pairs[i]["image_first"] for i in range(200)]
+    assert layouts == [pairs[i]["image_first"] for i in range(200)]  # resumable: no hidden state
+    assert 60 < sum(layouts) < 140
+    other_seed = DigitPairs(split.train_images, split.train_labels, image_first_prob=0.5, seed=4)
+    assert layouts != [other_seed[i]["image_first"] for i in range(200)]
+    never = DigitPairs(split.train_images, split.train_labels, image_first_prob=0.0)
+    assert not any(never[i]["image_first"] for i in range(50))
+    with pytest.raises(IndexError):
+        pairs[len(pairs)]
 
 
 def test_documents_interleave_digits_with_sentences_naming_them_deterministically(split):
@@ -133,3 +148,34 @@ def test_fast_run_trains_evaluates_saves_and_prints_the_table(tmp_path, capsys):
     assert {"loss_contrastive", "loss_generation"} <= set(card.data.training_metrics)
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["steps"] == 5 and results["linear_probe_accuracy"] == pytest.approx(metrics["linear_probe_accuracy"])
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def train_losses(output_dir, callbacks=None, resume=False) -> dict[int, float]:
+    """The main job's training on paired digits (image-first layouts drawn at random), 4 steps of 16."""
+    script_args, training_args = parse_args([
+        "--max-steps", "4", "--per-device-train-batch-size", "16", "--eval-samples", "50", "--logging-steps", "1",
+        "--save-strategy", "steps", "--save-steps", "2", "--output-dir", str(output_dir), "--disable-tqdm", "true",
+        "--image-first-prob", "0.5",
+    ])  # fmt: skip
+    trainer = build_job(script_args, training_args, callbacks).trainer
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return {entry["step"]: entry["loss"] for entry in trainer.state.log_history if "loss" in entry}
+
+
+def test_main_job_resumed_after_an_interruption_reaches_the_same_losses(tmp_path):
+    # The collator's own random state is not in the checkpoint; the digits give every pair its layout.
+    expected = train_losses(tmp_path / "full")
+    assert sorted(train_losses(tmp_path / "resumed", callbacks=[StopAfter(2)])) == [1, 2]
+    resumed = train_losses(tmp_path / "resumed", resume=True)
+    assert [step for step in sorted(resumed) if step > 2] == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step

@@ -68,6 +68,21 @@ def test_seeded_draws_are_reproducible(proc):
     assert not any(pattern(LCLDataCollator(proc, image_first_prob=0.0, seed=3)))
 
 
+def test_an_example_can_fix_its_own_layout(proc):
+    """`image_first` in an example overrides the draw, and only the other pairs consume random draws."""
+    soi = proc.special_token_ids()["image_start_token_id"]
+    fixed = [{"image": image(), "text": "a cat", "image_first": i % 3 == 0} for i in range(12)]
+    free = [{"image": image(), "text": "a cat"} for _ in range(12)]
+    starts = (LCLDataCollator(proc, image_first_prob=0.5, seed=0)(fixed + free)["input_ids"][:, 0] == soi).tolist()
+    assert starts[:12] == [i % 3 == 0 for i in range(12)]
+    alone = (LCLDataCollator(proc, image_first_prob=0.5, seed=0)(free)["input_ids"][:, 0] == soi).tolist()
+    assert starts[12:] == alone
+    always_text_first = LCLDataCollator(proc, image_first_prob=0.0)(fixed)["input_ids"][:, 0] == soi
+    assert always_text_first.tolist() == [i % 3 == 0 for i in range(12)]
+    with pytest.raises(TypeError, match="image_first"):
+        LCLDataCollator(proc)([{"image": image(), "text": "a cat", "image_first": "yes"}])
+
+
 def test_dataloader_workers_draw_differently(proc):
     """Each worker seeds from its own (per-epoch) seed: workers do not repeat each other's layouts."""
     soi = proc.special_token_ids()["image_start_token_id"]

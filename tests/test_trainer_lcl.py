@@ -250,3 +250,15 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint_as_the_last_one(tmp_
     entries = os.listdir(tmp_path)
     assert not any(entry.startswith("_tmp-") for entry in entries)  # the next save cleared the debris
     assert get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-6")
+
+
+def test_trainer_is_exported_by_the_package_without_importing_it_eagerly():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, modeling_lcl; assert 'modeling_lcl.trainer_lcl' not in sys.modules; "
+        "from modeling_lcl import LCLTrainer, LCLTrainingArguments; "
+        "from modeling_lcl.trainer_lcl import LCLTrainer as T; assert LCLTrainer is T"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
