@@ -64,6 +64,13 @@ class LCLImageProcessor(PilBackend):
             return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
+    def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs):
+        """PIL images stay PIL images (converted to RGB): `_preprocess` resizes and crops them in PIL and makes
+        one array of the crop, instead of converting the whole image to an array and back."""
+        if isinstance(image, PIL.Image.Image) and do_convert_rgb:
+            return image if image.mode == "RGB" else image.convert("RGB")
+        return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
+
     def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
         """Crop `(C, H, W)` to `size` around the center with torchvision's rounding; pad with 0 if smaller."""
         crop_h, crop_w = size.height, size.width
@@ -76,12 +83,22 @@ class LCLImageProcessor(PilBackend):
         left = int(round((width - crop_w) / 2.0))
         return image[:, top : top + crop_h, left : left + crop_w]
 
+    def _resize_and_center_crop_pil(self, image: PIL.Image.Image, shortest_edge: int, crop_size, resample):
+        """The RGB `image` resized and cropped in PIL, as a `(C, H, W)` uint8 view; the same pixels as the
+        array path."""
+        width, height = image.size
+        new_h, new_w = _resized_shape(height, width, shortest_edge)
+        crop_h, crop_w = crop_size.height, crop_size.width
+        if crop_h <= new_h and crop_w <= new_w and new_h * new_w <= MAX_RESIZE_TO_CROP_RATIO * crop_h * crop_w:
+            top, left = int(round((new_h - crop_h) / 2.0)), int(round((new_w - crop_w) / 2.0))
+            resized = image.resize((new_w, new_h), resample=resample)
+            return np.moveaxis(np.asarray(resized.crop((left, top, left + crop_w, top + crop_h))), -1, 0)
+        # Padding or an elongated image: the array path handles those.
+        return self._resize_and_center_crop(_channels_first(image), shortest_edge, crop_size, resample)
+
     def _resize_and_center_crop(self, image: np.ndarray, shortest_edge: int, crop_size, resample) -> np.ndarray:
         _, height, width = image.shape
-        if height <= width:
-            new_h, new_w = shortest_edge, int(shortest_edge * width / height)
-        else:
-            new_h, new_w = int(shortest_edge * height / width), shortest_edge
+        new_h, new_w = _resized_shape(height, width, shortest_edge)
         crop_h, crop_w = crop_size.height, crop_size.width
         fits = crop_h <= new_h and crop_w <= new_w
         if not fits or new_h * new_w <= MAX_RESIZE_TO_CROP_RATIO * crop_h * crop_w:
@@ -121,8 +138,13 @@ class LCLImageProcessor(PilBackend):
         processed = []
         for image in images:
             if do_resize and do_center_crop and size.shortest_edge:
-                image = self._resize_and_center_crop(image, size.shortest_edge, crop_size, resample)
+                if isinstance(image, PIL.Image.Image):
+                    image = self._resize_and_center_crop_pil(image, size.shortest_edge, crop_size, resample)
+                else:
+                    image = self._resize_and_center_crop(image, size.shortest_edge, crop_size, resample)
             else:
+                if isinstance(image, PIL.Image.Image):
+                    image = _channels_first(image)
                 if do_resize:
                     image = self.resize(image=image, size=size, resample=resample)
                 if do_center_crop:
@@ -137,6 +159,18 @@ class LCLImageProcessor(PilBackend):
         if do_pad:
             processed = self.pad(processed, pad_size=pad_size)
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """torchvision's `Resize(shortest_edge)`: the long side is truncated, not rounded."""
+    if height <= width:
+        return shortest_edge, int(shortest_edge * width / height)
+    return int(shortest_edge * height / width), shortest_edge
+
+
+def _channels_first(image: PIL.Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
 
 
 def _rescale_and_normalize(image: np.ndarray, scale: float, mean, std) -> np.ndarray:

@@ -298,6 +298,8 @@ class LCLProcessor(ProcessorMixin):
     def _tokenize(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
+        if hasattr(self.tokenizer, "encode_texts"):
+            return self.tokenizer.encode_texts(texts)  # `LCLTokenizer`: the same ids, with a word cache
         # split_special_tokens: text that spells "<start_of_img>" must not forge an image block.
         encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return encoded["input_ids"]
@@ -367,7 +369,7 @@ class LCLProcessor(ProcessorMixin):
     # Padding
     # ------------------------------------------------------------------------------------------
 
-    def _pad(self, sequences: list[list[int]], padding, pad_to_multiple_of, return_tensors) -> tuple[list, list]:
+    def _pad(self, sequences: list[list[int]], padding, pad_to_multiple_of, return_tensors) -> tuple:
         longest = max(len(seq) for seq in sequences)
         if padding in (True, "longest"):
             length = longest
@@ -385,8 +387,17 @@ class LCLProcessor(ProcessorMixin):
             rounded = -(-length // pad_to_multiple_of) * pad_to_multiple_of
             # Positions past max_length do not exist in the model.
             length = max(min(rounded, self.max_length), length)
-        input_ids = [seq + [self.pad_token_id] * (length - len(seq)) for seq in sequences]
-        attention_mask = [[1] * len(seq) + [0] * (length - len(seq)) for seq in sequences]
+        if not return_tensors:
+            input_ids = [seq + [self.pad_token_id] * (length - len(seq)) for seq in sequences]
+            attention_mask = [[1] * len(seq) + [0] * (length - len(seq)) for seq in sequences]
+            return input_ids, attention_mask
+        # Filled arrays: converting nested lists of thousands of ids with `torch.tensor` costs more than
+        # tokenizing them.
+        input_ids = np.full((len(sequences), length), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = seq
+            attention_mask[row, : len(seq)] = 1
         return input_ids, attention_mask
 
 

@@ -24,6 +24,7 @@ used alone pads with `<end_of_text>` as transformers' CLIP does. Either way the 
 import html
 import re
 from collections.abc import Iterable
+from itertools import chain
 
 import ftfy
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
@@ -45,6 +46,13 @@ END_OF_WORD = "</w>"
 # slower; its only other effect is that U+0345 (a combining mark that case-folds to a letter) counts
 # as a letter, which the classes below spell out (same splits as the global (?i) on every code point).
 PRE_TOKENIZER_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[\p{L}\x{345}]+|\p{N}|[^\s\p{L}\p{N}\x{345}]+"""
+
+# The pre-tokenizer on cleaned ASCII text: lower-case, and its only whitespace is single spaces (the cleaning
+# collapses it), so the Unicode classes reduce to ASCII ones and the standard library's regex gives the
+# same splits.
+_ASCII_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[a-z]+|[0-9]|[^ a-z0-9]+")
+# The chunk cache of `LCLTokenizer.encode_texts` is emptied when it reaches this many entries (~40 MB).
+CHUNK_CACHE_SIZE = 200_000
 
 # Text made only of these characters is left unchanged by `ftfy.fix_text` (up to line breaks, which the
 # whitespace collapse removes): printable ASCII except "&" (HTML entities), tab and line breaks.
@@ -148,6 +156,52 @@ class LCLTokenizer(TokenizersBackend):
             is_split_into_words=is_split_into_words,
             **kwargs,
         )
+
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without `<sot>`/`<eot>` and with special-token strings split as text:
+        `self(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]`, faster.
+
+        This is the processor's path. Cleaned ASCII text (most web text) is lower-case with single spaces,
+        and no piece of the pre-tokenizer crosses a space, so its ids are the ids of its space-separated
+        chunks put end to end: those come from a cache of chunk -> ids, filled on first sight by the same
+        pre-tokenizer (its ASCII form) and BPE model. The reference tokenizer caches BPE per word too.
+        Other text goes through the `tokenizers` pipeline.
+        """
+        ids: list = [None] * len(texts)
+        others = []
+        for index, text in enumerate(texts):
+            cleaned = clean_text(text)
+            if cleaned.isascii():
+                ids[index] = self._encode_ascii(cleaned.split(" "))
+            else:
+                others.append(index)
+        if others:
+            encoded = self([texts[i] for i in others], add_special_tokens=False, split_special_tokens=True)
+            for index, row in zip(others, encoded["input_ids"]):
+                ids[index] = row
+        return ids
+
+    def _encode_ascii(self, chunks: list[str]) -> list[int]:
+        cache = self.__dict__.get("_chunk_ids")
+        if cache is None or len(cache) >= CHUNK_CACHE_SIZE:
+            cache = self.__dict__["_chunk_ids"] = {}
+        try:
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        except KeyError:
+            for chunk in chunks:
+                if chunk not in cache:
+                    cache[chunk] = [i for word in _ASCII_WORDS.findall(chunk) for i in self._bpe_word(word)]
+            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+
+    def _bpe_word(self, word: str) -> list[int]:
+        """The BPE ids of one pre-tokenized ASCII word (mapped to byte-level symbols, as the pipeline does)."""
+        return [token.id for token in self.backend_tokenizer.model.tokenize(word.translate(_ASCII_SYMBOLS))]
+
+
+# Byte-level symbols of the ASCII characters (an ASCII character is its own byte); printable ones map to
+# themselves.
+_ASCII_SYMBOLS = {byte: symbol for byte, symbol in bytes_to_unicode().items() if byte < 128}
 
 
 def _clean_input(text, is_split_into_words: bool):

@@ -5,7 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import AutoTokenizer
+
+import processing.tokenization_lcl as tokenization_module
 
 import processing.build_tokenizer as build_tokenizer_module
 from processing import LCLTokenizer, build_clip_tokenizer, build_test_tokenizer, clean_text, read_clip_merges
@@ -46,6 +50,42 @@ def test_clip_batch_encoding_equals_one_by_one(clip_tokenizer):
     cases = json.loads(FIXTURE.read_text(encoding="utf-8"))["cases"][:40]
     batch = clip_tokenizer([case["text"] for case in cases], add_special_tokens=False)["input_ids"]
     assert batch == [case["ids"] for case in cases]
+
+
+def pipeline_ids(tokenizer, texts):
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_encode_texts_equals_the_pipeline_and_the_reference(clip_tokenizer):
+    """The processor's fast path (ASCII word cache) gives the `tokenizers` pipeline's ids, twice (cold and
+    warm cache), and the reference ids wherever the text does not spell a special token."""
+    cases = json.loads(FIXTURE.read_text(encoding="utf-8"))["cases"]
+    texts = [case["text"] for case in cases]
+    assert clip_tokenizer.encode_texts(texts) == pipeline_ids(clip_tokenizer, texts)
+    assert clip_tokenizer.encode_texts(texts) == pipeline_ids(clip_tokenizer, texts)
+    plain = [case for case in cases if "<" not in case["text"]]
+    assert len(plain) > 100
+    assert clip_tokenizer.encode_texts([case["text"] for case in plain]) == [case["ids"] for case in plain]
+
+
+# ASCII-heavy text: what the word cache serves, with the characters that make the cleaning do work.
+ascii_heavy = st.lists(
+    st.sampled_from(list("abcXYZ019 '.,!?&;#<>_-/\t\n\x00\x7f\x1f") + ["amp;", "'s", "'LL", "é", "ſ", "ﬁ", "\u0345"]),
+    max_size=40,
+).map("".join)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(texts=st.lists(ascii_heavy, min_size=1, max_size=4))
+def test_encode_texts_equals_the_pipeline_on_generated_text(clip_tokenizer, texts):
+    assert clip_tokenizer.encode_texts(texts) == pipeline_ids(clip_tokenizer, texts)
+
+
+def test_encode_texts_chunk_cache_is_bounded(test_tokenizer, monkeypatch):
+    monkeypatch.setattr(tokenization_module, "CHUNK_CACHE_SIZE", 3)
+    texts = ["one two three four five six", "six five four three two one", "a b c d e"]
+    assert test_tokenizer.encode_texts(texts) == pipeline_ids(test_tokenizer, texts)
+    assert len(test_tokenizer._chunk_ids) == 5  # emptied before each text here; the last one has 5 chunks
 
 
 def test_clip_special_ids_and_framing(clip_tokenizer):
