@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class GatheredFeatures(NamedTuple):
@@ -83,6 +84,32 @@ def contrastive_loss(
     return loss_sum / count
 
 
+def _cross_entropy_sum(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, targets: torch.Tensor):
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def generation_loss_sum(
+    head: Callable[[torch.Tensor], torch.Tensor],
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Sum of the next-token cross-entropy of `head(hidden)` `(num_targets, vocab)` against `targets`.
+
+    Above `chunk_size` targets the logits are built chunk by chunk and rebuilt in the backward pass
+    (activation checkpointing), so only one chunk's `(chunk_size, vocab)` logits are alive at a time:
+    an MMC4 batch (context 2048) has ~15k targets, i.e. 3 GB of fp32 logits, plus as much again for
+    their log-softmax and its gradient, when built at once.
+    """
+    if hidden.shape[0] <= chunk_size:
+        return _cross_entropy_sum(head, hidden, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        total = total + checkpoint(_cross_entropy_sum, head, hidden[chunk], targets[chunk], use_reentrant=False)
+    return total
+
+
 def generation_target_mask(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -114,6 +141,7 @@ def contrastive_soi_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
 
 
 __all__ = [
+    "generation_loss_sum",
     "GatheredFeatures",
     "FeatureGather",
     "gather_local",

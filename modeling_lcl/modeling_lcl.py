@@ -26,6 +26,7 @@ from .loss_lcl import (
     contrastive_loss_terms,
     contrastive_soi_mask,
     gather_local,
+    generation_loss_sum,
     generation_target_mask,
 )
 
@@ -773,9 +774,8 @@ class LCLForPreTraining(LCLPreTrainedModel):
         target_mask = generation_target_mask(
             input_ids, attention_mask, config.image_token_id, config.image_end_token_id
         )
-        target_logits = self.lm_head(hidden[:, :-1][target_mask])
         targets = input_ids[:, 1:][target_mask]
-        loss_generation = F.cross_entropy(target_logits.float(), targets, reduction="sum")
+        loss_generation = generation_loss_sum(self.lm_head, hidden[:, :-1][target_mask], targets)
         num_targets = targets.numel()
         loss_generation = loss_generation / max(num_targets_global or num_targets, 1)
 

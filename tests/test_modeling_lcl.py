@@ -156,6 +156,32 @@ def test_generation_targets_exclude_image_tokens_eoi_and_padding(config, batch):
     assert out.num_generation_targets == expected
 
 
+def test_chunked_generation_loss_equals_the_one_shot_loss_and_its_gradients(config, batch, monkeypatch):
+    """Above `chunk_size` targets the logits are built (and rebuilt in backward) chunk by chunk."""
+    import modeling_lcl.loss_lcl as loss_module
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 50, bias=False))
+    hidden = torch.randn(23, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (23,))
+    one_shot = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    expected = torch.autograd.grad(one_shot, [hidden, *head.parameters()])
+    chunked = loss_module.generation_loss_sum(head, hidden, targets, chunk_size=5)
+    actual = torch.autograd.grad(chunked, [hidden, *head.parameters()])
+    torch.testing.assert_close(chunked, one_shot)
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want)
+
+    # Through the model: 4 targets per chunk gives the losses of the default (one chunk here).
+    model = LCLForPreTraining(config)
+    reference = model(**batch).loss_generation
+    original = loss_module.generation_loss_sum
+    monkeypatch.setattr(
+        "modeling_lcl.modeling_lcl.generation_loss_sum", lambda *args: original(*args, chunk_size=4)
+    )
+    torch.testing.assert_close(model(**batch).loss_generation, reference)
+
+
 def test_losses_match_a_hand_computation_independent_of_the_model_code():
     """Two pairs and three generation targets with numbers small enough to check on paper."""
     from modeling_lcl.loss_lcl import contrastive_loss
