@@ -81,14 +81,17 @@ def sentence(rng: random.Random) -> str:
     return " ".join(words) + rng.choice([".", ".", "!", "?", "..."])
 
 
-def write_synthetic_mmc4(root: Path, num_docs: int, seed: int = 0) -> tuple[list[str], Path]:
-    """One jsonl shard and one zipped shard of MMC4-style documents, and 32 JPEG files (512x384)."""
+def write_synthetic_mmc4(
+    root: Path, num_docs: int, seed: int = 0, image_size: tuple[int, int] = (512, 384)
+) -> tuple[list[str], Path]:
+    """One jsonl shard and one zipped shard of MMC4-style documents, and 32 JPEG files (`image_size`)."""
     rng, images = random.Random(seed), root / "images"
     images.mkdir(parents=True)
     pixels = np.random.default_rng(seed)
     for index in range(32):
-        gradient = np.linspace(0, 255, 512, dtype=np.float32)[None, :, None] * np.ones((384, 1, 3), np.float32)
-        noise = pixels.normal(0, 25, (384, 512, 3))
+        width, height = image_size
+        gradient = np.linspace(0, 255, width, dtype=np.float32)[None, :, None] * np.ones((height, 1, 3), np.float32)
+        noise = pixels.normal(0, 25, (height, width, 3))
         array = np.clip(gradient * (index % 5 + 1) / 5 + noise, 0, 255).astype(np.uint8)
         PIL.Image.fromarray(array).save(images / f"{index:04d}.jpg", quality=90)
     documents = []
@@ -302,6 +305,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed passes over the data (medians reported)")
     parser.add_argument("--num-image-tokens", type=int, default=49)
     parser.add_argument("--max-length", type=int, default=2048)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(512, 384), metavar=("WIDTH", "HEIGHT"),
+                        help="size of the synthetic JPEGs (e.g. 341 256: shards pre-resized at download)")
     parser.add_argument("--reference-src", default=None, help="src/ of an LCL checkout (for SimpleTokenizer)")
     parser.add_argument("--output", default=str(RESULTS_DIR / "data_pipeline.json"))
     args = parser.parse_args()
@@ -320,7 +325,7 @@ def main():
     timings = {}
 
     with tempfile.TemporaryDirectory() as tmp:
-        shards, image_dir = write_synthetic_mmc4(Path(tmp), args.docs)
+        shards, image_dir = write_synthetic_mmc4(Path(tmp), args.docs, image_size=tuple(args.image_size))
         dataset = load_mmc4(shards, image_dir, image_first_prob=0.5, seed=0, cache_dir=str(Path(tmp) / "cache"))
         collator = LCLDataCollator(processor, seed=0)
         run_ours(torch.utils.data.Subset(dataset, range(min(16, len(dataset)))), collator, args.batch_size)  # warm-up
