@@ -526,6 +526,7 @@ class LCLModel(LCLPreTrainedModel):
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
+        interleaved: bool | None = None,
         **kwargs,
     ) -> LCLModelOutput:
         r"""
@@ -536,13 +537,21 @@ class LCLModel(LCLPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(num_images, 3, height, width)`, *optional*):
             All images of the batch, in document order (sample 0's images first).
 
-        Retrieval mode: when `input_ids` hold no image-block token at all (no `<soi>`, `<img>` or `<eoi>`)
-        but `pixel_values` are given, the texts are candidate prompts (`<sot> prompt <eot>`), not documents.
-        The output then carries CLIP-style `logits_per_image` / `logits_per_text`, which is what
-        transformers' zero-shot-image-classification pipeline reads.
+        interleaved (`bool`, *optional*):
+            `True` reads `input_ids` as documents whatever they hold (the heads pass it, so images without
+            image blocks are an error there); `False` asks for retrieval mode; `None` (default) picks
+            retrieval mode when `pixel_values` are given and `input_ids` hold no image-block token at all.
+
+        Retrieval mode: the texts are candidate prompts (`<sot> prompt <eot>`), not documents, and the output
+        carries CLIP-style `logits_per_image` / `logits_per_text`, which is what transformers'
+        zero-shot-image-classification pipeline reads.
         """
         real_tokens = current_token_mask(input_ids, attention_mask)
-        if pixel_values is not None and cache is None and not self._has_image_block_tokens(input_ids):
+        if interleaved is None:
+            interleaved = pixel_values is None or cache is not None or self._has_image_block_tokens(input_ids)
+        if not interleaved:
+            if pixel_values is None:
+                raise ValueError("Retrieval mode (interleaved=False) needs pixel_values.")
             return self._retrieval_forward(input_ids, real_tokens, pixel_values)
         if cache is None or cache.get_seq_length() == 0:
             # With a filled cache, only new text tokens arrive: there is nothing to check.
@@ -735,9 +744,6 @@ class LCLForPreTraining(LCLPreTrainedModel):
             several processes so that every micro-batch's share adds up to the mean over the global batch.
         """
         real_tokens = current_token_mask(input_ids, attention_mask)
-        if pixel_values is not None:
-            # Checked here too: LCLModel would read images + plain texts as a retrieval query.
-            validate_image_blocks(input_ids, real_tokens, pixel_values, self.config)
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -746,6 +752,7 @@ class LCLForPreTraining(LCLPreTrainedModel):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            interleaved=True,  # images + plain texts are an input error here, not a retrieval query
             **kwargs,
         )
         hidden = outputs.last_hidden_state

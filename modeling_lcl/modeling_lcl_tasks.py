@@ -23,8 +23,6 @@ from .modeling_lcl import (
     LCLModel,
     LCLPreTrainedModel,
     LCLVisionModel,
-    current_token_mask,
-    validate_image_blocks,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -120,9 +118,6 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
             `CausalLMOutputWithPast` with `logits` of shape `(batch_size, logits_length, vocab_size)`, `cache`,
             and `loss` (mean next-token cross-entropy) when `labels` are given.
         """
-        if pixel_values is not None and (cache is None or cache.get_seq_length() == 0):
-            # Checked here: LCLModel would read images + plain texts as a retrieval query.
-            validate_image_blocks(input_ids, current_token_mask(input_ids, attention_mask), pixel_values, self.config)
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -131,6 +126,7 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
+            interleaved=True,  # images + plain texts are an input error here, not a retrieval query
             **kwargs,
         )
         hidden = outputs.last_hidden_state

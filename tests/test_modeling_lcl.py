@@ -357,6 +357,28 @@ def test_images_with_plain_prompts_give_clip_style_logits(config):
     torch.testing.assert_close(out.logits_per_image, expected)
 
 
+def test_the_interleaved_switch_overrides_the_retrieval_guess(config):
+    model = LCLModel(config).eval()
+    prompts = torch.tensor([[SOT, 5, 6, EOT]])
+    pixel_values = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ValueError, match="no <img> placeholder tokens"):
+        model(prompts, pixel_values=pixel_values, interleaved=True)  # what the heads pass
+    with pytest.raises(ValueError, match="needs pixel_values"):
+        model(prompts, interleaved=False)
+    retrieval = model(prompts, pixel_values=pixel_values, interleaved=False)
+    torch.testing.assert_close(retrieval.logits_per_image, model(prompts, pixel_values=pixel_values).logits_per_image)
+
+
+def test_heads_validate_the_image_blocks_once_per_forward(config, batch, monkeypatch):
+    import modeling_lcl.modeling_lcl as modeling
+
+    calls = []
+    original = modeling.validate_image_blocks
+    monkeypatch.setattr(modeling, "validate_image_blocks", lambda *args: calls.append(1) or original(*args))
+    LCLForPreTraining(config)(**batch)
+    assert len(calls) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------
