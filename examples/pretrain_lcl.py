@@ -158,14 +158,17 @@ def build_processor(config: LCLConfig, tokenizer_path: str | None, image_first_p
 def training_data(args: ScriptArguments, split, seed: int):
     """The training examples and the dataset names for the model card."""
     sources, names = [], []
+    # Every reader decides its examples' random choices (pair layouts, MMC4 image choices and layouts) per
+    # (seed, epoch, row), so that a run resumed from a checkpoint repeats the interrupted one.
+    layout = dict(image_first_prob=args.image_first_prob, seed=seed)
     for path in args.pairs or ():
         if Path(path).is_dir():
-            sources.append(load_image_folder_pairs(path))
+            sources.append(load_image_folder_pairs(path, **layout))
         else:
-            sources.append(load_webdataset_pairs(path, streaming=False))
+            sources.append(load_webdataset_pairs(path, streaming=False, **layout))
         names.append(Path(path).name)
     if args.mmc4:
-        sources.append(load_mmc4(args.mmc4, image_dir=args.mmc4_images, seed=seed))
+        sources.append(load_mmc4(args.mmc4, image_dir=args.mmc4_images, **layout))
         names.append("mmc4")
     if args.obelics:
         sources.append(load_obelics(args.obelics, image_dir=args.obelics_images))

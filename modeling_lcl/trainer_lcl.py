@@ -17,6 +17,8 @@ What it adds to `Trainer`:
   embedding), as the reference's OpenCLIP training does.
 - **Temperature clamp.** `logit_scale` is clamped to `config.logit_scale_max` (ln 100) after every
   optimizer step (`LogitScaleClampCallback`).
+- **Epoch-seeded data.** At every epoch the training dataset's `set_epoch` is called, also inside a
+  `ConcatDataset` (`DatasetEpochCallback`), so readers that seed per (epoch, row) resume exactly.
 - **Atomic checkpoints.** A checkpoint is written into `_tmp-checkpoint-<step>` and renamed to
   `checkpoint-<step>` only when complete, so a crash during a save leaves the previous checkpoints as they
   were and never a partial `checkpoint-*` that `resume_from_checkpoint=True` would pick up.
@@ -91,6 +93,30 @@ class LogitScaleClampCallback(TrainerCallback):
                     module.logit_scale.clamp_(max=module.config.logit_scale_max)
 
 
+class DatasetEpochCallback(TrainerCallback):
+    """Tell the training dataset (and the datasets inside a `ConcatDataset` / `Subset`) which epoch begins.
+
+    Datasets whose random choices depend on the epoch (`processing.SkippingDataset` and its readers) then make
+    the same choices in a resumed run as in the interrupted one. `Trainer`'s data loader does not do it when
+    its sampler has a `set_epoch` of its own, which the default seeded sampler has.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        if train_dataloader is not None:
+            _set_dataset_epoch(getattr(train_dataloader, "dataset", None), int(state.epoch or 0))
+
+
+def _set_dataset_epoch(dataset, epoch: int) -> None:
+    if dataset is None:
+        return
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    for inner in getattr(dataset, "datasets", ()):  # ConcatDataset
+        _set_dataset_epoch(inner, epoch)
+    if isinstance(dataset, torch.utils.data.Subset):
+        _set_dataset_epoch(dataset.dataset, epoch)
+
+
 class LCLTrainer(Trainer):
     """`Trainer` for `LCLForPreTraining` (see the module docstring).
 
@@ -112,6 +138,7 @@ class LCLTrainer(Trainer):
         self._lcl_model, self._lcl_model_of = None, None
         _ = self._pretraining_model  # fail here, not at the first step, if the model is not an LCL one
         self.add_callback(LogitScaleClampCallback())
+        self.add_callback(DatasetEpochCallback())
         self._metric_sums = None  # (loss_contrastive, loss_generation, images) since the last log, this rank
         self._metrics_since = None
         self._pending_logs = {}
@@ -423,4 +450,4 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-__all__ = ["LCLBatchCounts", "LCLTrainer", "LCLTrainingArguments", "LogitScaleClampCallback"]
+__all__ = ["LCLBatchCounts", "LCLTrainer", "LCLTrainingArguments", "LogitScaleClampCallback", "DatasetEpochCallback"]

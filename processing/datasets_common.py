@@ -101,7 +101,8 @@ class SkippingDataset(torch.utils.data.Dataset):
 
     Args:
         source: A `datasets.Dataset` (or any sequence) of raw rows.
-        builder: Callable `row -> example | None`, with a `stats` `SkipStats`.
+        builder: Callable `(row, key=None) -> example | None`, with a `stats` `SkipStats`; `key` is
+            `(epoch, row index)`, for seeding the builder's random choices per row (`row_rng`).
         max_attempts: Consecutive skipped rows tolerated before giving up with a `RuntimeError` (the data is
             then broken beyond a bad file here and there).
     """
@@ -110,6 +111,12 @@ class SkippingDataset(torch.utils.data.Dataset):
         self.source = source
         self.builder = builder
         self.max_attempts = max_attempts
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The builder's random choices for a row are a function of (its seed, rank, epoch, row index), so a
+        resumed run sees the rows as the interrupted one did; `LCLTrainer` calls this at every epoch."""
+        self.epoch = epoch
 
     @property
     def stats(self) -> SkipStats:
@@ -120,7 +127,8 @@ class SkippingDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         for attempt in range(min(self.max_attempts, len(self.source))):
-            example = self.builder(self.source[(index + attempt) % len(self.source)])
+            row_index = (index + attempt) % len(self.source)
+            example = self.builder(self.source[row_index], key=(self.epoch, row_index))
             if example is not None:
                 return example
         raise RuntimeError(
@@ -176,10 +184,21 @@ def worker_rng(seed: int | None, state: dict) -> random.Random:
     return state["rng"]
 
 
+def row_rng(seed: int | None, key: tuple | None, state: dict) -> random.Random:
+    """The generator of a builder's random choices for one row: a function of `(seed, rank, *key)` when both
+    are given (map-style rows: `key` is (epoch, row index), reproducible and resumable), else the
+    per-worker `worker_rng` (streaming rows have no index)."""
+    if seed is None or key is None:
+        return worker_rng(seed, state)
+    return random.Random(hash((seed, process_rank(), *key)))
+
+
 def process_rank() -> int:
     """This process's rank in `torch.distributed` (0 when not distributed)."""
     distributed = torch.distributed
     return distributed.get_rank() if distributed.is_available() and distributed.is_initialized() else 0
 
 
-__all__ = ["SkipStats", "SkippingDataset", "load_image", "try_load_image", "apply_builder", "split_for_node"]
+__all__ = [
+    "SkipStats", "SkippingDataset", "load_image", "try_load_image", "apply_builder", "split_for_node", "row_rng",
+]

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from datasets import Dataset, Features, IterableDataset, List, Value
 from transformers.utils import logging
 
-from .datasets_common import SkipStats, apply_builder, split_for_node, try_load_image, worker_rng
+from .datasets_common import SkipStats, apply_builder, row_rng, split_for_node, try_load_image
 
 logger = logging.get_logger(__name__)
 
@@ -47,7 +47,9 @@ class MMC4DocumentBuilder:
         max_images: At most this many images per document (6).
         image_first_prob: Probability that an image goes before its sentence (0.5).
         one_image_per_sentence: Keep one random image per sentence (True).
-        seed: Seeds the random choices (per DataLoader worker and epoch, see `datasets_common.worker_rng`).
+        seed: Seeds the random choices. Map-style rows draw them from `(seed, rank, epoch, row index)`:
+            reproducible, and the same after resuming from a checkpoint; streaming rows from a generator
+            per DataLoader worker and epoch (see `datasets_common.row_rng`).
     """
 
     def __init__(
@@ -72,8 +74,8 @@ class MMC4DocumentBuilder:
         self.stats = SkipStats("MMC4")
         self._rng_state = {}
 
-    def __call__(self, row: dict) -> dict | None:
-        rng = worker_rng(self.seed, self._rng_state)
+    def __call__(self, row: dict, key: tuple | None = None) -> dict | None:
+        rng = row_rng(self.seed, key, self._rng_state)
         sentences = row["text_list"]
         matched = self._select_images(row["image_info"], len(sentences), rng)
         if not matched:

@@ -36,7 +36,7 @@ class ObelicsDocumentBuilder:
         self.image_column = image_column
         self.stats = SkipStats("OBELICS")
 
-    def __call__(self, row: dict) -> dict | None:
+    def __call__(self, row: dict, key: tuple | None = None) -> dict | None:
         texts, images = row.get(self.text_column), row.get(self.image_column)
         if not isinstance(texts, list) or not isinstance(images, list) or len(texts) != len(images):
             self.stats.record("malformed_document", "texts/images are not lists of the same length")

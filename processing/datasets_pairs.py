@@ -10,7 +10,7 @@ import os
 
 from datasets import Dataset, Image, IterableDataset, load_dataset
 
-from .datasets_common import SkipStats, apply_builder, split_for_node, try_load_image
+from .datasets_common import SkipStats, apply_builder, row_rng, split_for_node, try_load_image
 from .datasets_mmc4 import expand_paths
 from .datasets_obelics import undecoded_images
 
@@ -19,15 +19,32 @@ TEXT_COLUMN_NAMES = ("text", "caption", "txt", "captions")
 
 
 class PairBuilder:
-    """Raw row -> `{"image": ..., "text": ...}`, or `None` for a missing/broken image or caption (counted)."""
+    """Raw row -> `{"image": ..., "text": ...}`, or `None` for a missing/broken image or caption (counted).
 
-    def __init__(self, image_column: str = "image", text_column: str = "text", image_dir=None):
+    With `image_first_prob`, each example also gets `"image_first"` (its layout), drawn as the MMC4 reader
+    draws its choices (`datasets_common.row_rng`: from `(seed, rank, epoch, row index)` for map-style rows),
+    so that the layouts survive an interrupted and resumed run; without it the collator draws them.
+    """
+
+    def __init__(
+        self,
+        image_column: str = "image",
+        text_column: str = "text",
+        image_dir=None,
+        image_first_prob: float | None = None,
+        seed: int | None = None,
+    ):
+        if image_first_prob is not None and not 0.0 <= image_first_prob <= 1.0:
+            raise ValueError(f"image_first_prob must be in [0, 1], got {image_first_prob}.")
         self.image_column = image_column
         self.text_column = text_column
         self.image_dir = image_dir
+        self.image_first_prob = image_first_prob
+        self.seed = seed
         self.stats = SkipStats("pairs")
+        self._rng_state = {}
 
-    def __call__(self, row: dict) -> dict | None:
+    def __call__(self, row: dict, key: tuple | None = None) -> dict | None:
         text = row.get(self.text_column)
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
@@ -40,7 +57,10 @@ class PairBuilder:
         image = try_load_image(row[self.image_column], self.stats, self.image_dir)
         if image is None:
             return None
-        return {"image": image, "text": text}
+        example = {"image": image, "text": text}
+        if self.image_first_prob is not None:
+            example["image_first"] = row_rng(self.seed, key, self._rng_state).random() < self.image_first_prob
+        return example
 
 
 def find_column(dataset, candidates: tuple[str, ...], kind: str, want_image: bool) -> str:
@@ -64,14 +84,19 @@ def load_pairs(
     world_size: int | None = None,
     max_attempts: int = 100,
     builder: PairBuilder | None = None,
+    image_first_prob: float | None = None,
+    seed: int | None = None,
 ):
-    """Pairs from a `datasets.Dataset` (map-style) or `IterableDataset` (streaming) with image and text columns."""
+    """Pairs from a `datasets.Dataset` (map-style) or `IterableDataset` (streaming) with image and text columns.
+
+    `image_first_prob` / `seed`: give every pair its layout here (see `PairBuilder`) instead of in the collator.
+    """
     if not isinstance(dataset, (Dataset, IterableDataset)):
         raise TypeError(f"load_pairs expects a datasets.Dataset or IterableDataset, got {type(dataset).__name__}.")
     if builder is None:
         image_column = image_column or find_column(dataset, IMAGE_COLUMN_NAMES, "image", want_image=True)
         text_column = text_column or find_column(dataset, TEXT_COLUMN_NAMES, "text", want_image=False)
-        builder = PairBuilder(image_column, text_column)
+        builder = PairBuilder(image_column, text_column, image_first_prob=image_first_prob, seed=seed)
     raw = undecoded_images(dataset, builder.image_column)
     raw = split_for_node(raw, rank, world_size)
     return apply_builder(raw, builder, isinstance(dataset, IterableDataset), max_attempts)

@@ -159,12 +159,12 @@ class StopAfter(TrainerCallback):
             control.should_training_stop = True
 
 
-def train_losses(output_dir, callbacks=None, resume=False) -> dict[int, float]:
-    """The main job's training on paired digits (image-first layouts drawn at random), 4 steps of 16."""
+def train_losses(output_dir, callbacks=None, resume=False, data_args=("--eval-samples", "50")) -> dict[int, float]:
+    """The main job's training (image-first layouts drawn at random), 4 steps of 16; digits by default."""
     script_args, training_args = parse_args([
-        "--max-steps", "4", "--per-device-train-batch-size", "16", "--eval-samples", "50", "--logging-steps", "1",
+        "--max-steps", "4", "--per-device-train-batch-size", "16", "--logging-steps", "1",
         "--save-strategy", "steps", "--save-steps", "2", "--output-dir", str(output_dir), "--disable-tqdm", "true",
-        "--image-first-prob", "0.5",
+        "--image-first-prob", "0.5", *data_args,
     ])  # fmt: skip
     trainer = build_job(script_args, training_args, callbacks).trainer
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -176,6 +176,38 @@ def test_main_job_resumed_after_an_interruption_reaches_the_same_losses(tmp_path
     expected = train_losses(tmp_path / "full")
     assert sorted(train_losses(tmp_path / "resumed", callbacks=[StopAfter(2)])) == [1, 2]
     resumed = train_losses(tmp_path / "resumed", resume=True)
+    assert [step for step in sorted(resumed) if step > 2] == [3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def write_mmc4(root) -> list[str]:
+    """40 MMC4 documents whose first sentence has two candidate images (the reader picks one at random)."""
+    import PIL.Image
+
+    images = root / "images"
+    images.mkdir()
+    colors = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), "grey": (120, 120, 120)}
+    for name, color in colors.items():
+        PIL.Image.new("RGB", (20, 16), color).save(images / f"{name}.png")
+    names = list(colors)
+    documents = [
+        {"text_list": [f"A {names[i % 4]} square.", "Then another one.", f"Number {i}."],
+         "image_info": [{"image_name": f"{names[(i + k) % 4]}.png", "matched_text_index": sentence, "matched_sim": 0.3}
+                        for k, sentence in ((0, 0), (1, 0), (2, 2))]}
+        for i in range(40)
+    ]  # fmt: skip
+    shard = root / "docs_shard_0.jsonl"
+    shard.write_text("\n".join(json.dumps(document) for document in documents) + "\n")
+    return ["--mmc4", str(shard), "--mmc4-images", str(images), "--eval-samples", "0"]
+
+
+def test_main_job_on_mmc4_resumes_with_the_same_image_choices_and_layouts(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    data_args = write_mmc4(tmp_path)
+    expected = train_losses(tmp_path / "full", data_args=data_args)
+    assert sorted(train_losses(tmp_path / "resumed", callbacks=[StopAfter(2)], data_args=data_args)) == [1, 2]
+    resumed = train_losses(tmp_path / "resumed", resume=True, data_args=data_args)
     assert [step for step in sorted(resumed) if step > 2] == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step

@@ -126,13 +126,22 @@ def test_mmc4_map_style_replaces_skipped_documents(mmc4):
     assert dataset.stats["missing_image"] >= 1 and dataset.stats["no_matched_images"] >= 1
 
 
-def test_mmc4_random_choices_are_seeded(mmc4):
-    def placements(seed):
-        dataset = load_mmc4(mmc4["shards"], mmc4["images"], seed=seed, cache_dir=str(mmc4["root"] / "cache"))
-        return [tuple(describe(dataset[5])) for _ in range(10)]
+def test_mmc4_random_choices_are_a_function_of_seed_epoch_and_row(mmc4):
+    """Map-style rows: the same (seed, epoch, row) gives the same document, read after read (so a resumed
+    run sees what the interrupted one saw); another epoch or seed draws again."""
+    dataset = load_mmc4(mmc4["shards"], mmc4["images"], seed=1, cache_dir=str(mmc4["root"] / "cache"))
 
-    assert placements(1) == placements(1)
-    assert len(set(placements(1))) > 1  # before/after changes from one read to the next
+    def placements(epoch, seed=1):
+        dataset.builder.seed = seed
+        dataset.set_epoch(epoch)
+        return [tuple(describe(dataset[i])) for i in range(len(dataset))]
+
+    first = placements(0)
+    assert placements(0) == first
+    assert placements(1) != first and placements(0) == first
+    assert placements(0, seed=2) != first
+    unseeded = load_mmc4(mmc4["shards"], mmc4["images"], cache_dir=str(mmc4["root"] / "cache"))
+    assert len({tuple(describe(unseeded[5])) for _ in range(10)}) > 1  # no seed: drawn afresh on each read
 
 
 def test_mmc4_disjoint_split_by_node(mmc4):
@@ -265,3 +274,17 @@ def test_pairs_from_any_dataset_columns():
                 features=Features({"photo": Image(), "label": Value("int64")}),
             )
         )
+
+
+def test_pairs_can_carry_their_own_seeded_layout():
+    features = Features({"image": Image(), "text": Value("string")})
+    rows = {"image": [{"bytes": jpeg_bytes(COLORS["red"]), "path": None}] * 40, "text": [f"red {i}" for i in range(40)]}
+    raw = Dataset.from_dict(rows, features=features)
+    assert "image_first" not in load_pairs(raw)[0]  # by default the collator draws the layout
+    dataset = load_pairs(raw, image_first_prob=0.5, seed=3)
+    layouts = [dataset[i]["image_first"] for i in range(40)]
+    assert layouts == [dataset[i]["image_first"] for i in range(40)] and 5 < sum(layouts) < 35
+    dataset.set_epoch(1)
+    assert [dataset[i]["image_first"] for i in range(40)] != layouts
+    with pytest.raises(ValueError, match="image_first_prob"):
+        load_pairs(raw, image_first_prob=2.0)

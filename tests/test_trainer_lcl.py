@@ -262,3 +262,29 @@ def test_trainer_is_exported_by_the_package_without_importing_it_eagerly():
         "from modeling_lcl.trainer_lcl import LCLTrainer as T; assert LCLTrainer is T"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class EpochRecorder(torch.utils.data.Dataset):
+    def __init__(self, examples):
+        self.examples, self.epochs = examples, []
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+    def __len__(self):
+        return len(self.examples)
+
+    def __getitem__(self, index):
+        return self.examples[index]
+
+
+def test_datasets_are_told_every_epoch_also_inside_a_concatenation(tmp_path):
+    from modeling_lcl.trainer_lcl import DatasetEpochCallback
+
+    data = DocumentDataset(RESUME_KINDS[:8])
+    first, second = EpochRecorder(data), EpochRecorder(data)
+    trainer = make_trainer(str(tmp_path), RESUME_KINDS[:8], per_device_batch=4, max_steps=-1, num_train_epochs=3)
+    trainer.train_dataset = torch.utils.data.ConcatDataset([first, torch.utils.data.Subset(second, range(8))])
+    trainer.train()
+    assert first.epochs == [0, 1, 2] and second.epochs == [0, 1, 2]
+    assert any(isinstance(callback, DatasetEpochCallback) for callback in trainer.callback_handler.callbacks)
