@@ -120,7 +120,8 @@ class LCLForPreTrainingOutput(ModelOutput):
     loss_contrastive (`torch.FloatTensor` of shape `()`, *optional*):
         Symmetric InfoNCE between the `<soi>` features and the pooled latents (unweighted).
     loss_generation (`torch.FloatTensor` of shape `()`, *optional*):
-        Next-token cross-entropy on the supervised targets (unweighted).
+        Next-token cross-entropy on the supervised targets (unweighted); `None` when its weight is 0 (the
+        LM head is then not run).
     logits (`torch.FloatTensor` of shape `(batch_size, logits_length, vocab_size)`, *optional*):
         Next-token logits of the last `logits_length` positions (all positions by default). Not computed
         when the loss is, unless `output_logits=True`: the loss only needs the supervised positions.
@@ -729,6 +730,8 @@ class LCLForPreTraining(LCLPreTrainedModel):
         output_hidden_states: bool | None = None,
         num_contrastive_pairs_in_batch: int | None = None,
         num_generation_targets_in_batch: int | None = None,
+        contrastive_loss_weight: float | None = None,
+        generation_loss_weight: float | None = None,
         **kwargs,
     ) -> LCLForPreTrainingOutput:
         r"""
@@ -742,6 +745,10 @@ class LCLForPreTraining(LCLPreTrainedModel):
         num_contrastive_pairs_in_batch / num_generation_targets_in_batch (`int`, *optional*):
             Global denominators of the two means. A trainer sets them under gradient accumulation or on
             several processes so that every micro-batch's share adds up to the mean over the global batch.
+        contrastive_loss_weight / generation_loss_weight (`float`, *optional*):
+            Override the config's loss weights for this call (`LCLTrainer` passes its own). With a generation
+            weight of 0 the LM head is not run and `loss_generation` is `None` (a contrastive-only run does
+            not pay for the vocabulary-sized head).
         """
         real_tokens = current_token_mask(input_ids, attention_mask)
         outputs = self.lcl(
@@ -768,23 +775,31 @@ class LCLForPreTraining(LCLPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
         if return_loss:
-            self._add_losses(
-                result, input_ids, real_tokens, outputs, num_contrastive_pairs_in_batch, num_generation_targets_in_batch
+            weights = (
+                self.config.contrastive_loss_weight if contrastive_loss_weight is None else contrastive_loss_weight,
+                self.config.generation_loss_weight if generation_loss_weight is None else generation_loss_weight,
             )
+            self._add_losses(
+                result, input_ids, real_tokens, outputs, num_contrastive_pairs_in_batch, num_generation_targets_in_batch,
+                weights,
+            )  # fmt: skip
         return result
 
-    def _add_losses(self, result, input_ids, attention_mask, outputs, num_pairs_global, num_targets_global):
+    def _add_losses(self, result, input_ids, attention_mask, outputs, num_pairs_global, num_targets_global, weights):
         config = self.config
         hidden = outputs.last_hidden_state
+        weight_contrastive, weight_generation = weights
 
-        # Generation: only supervised positions go through the (vocab-sized) head.
+        # Generation: only supervised positions go through the (vocab-sized) head, and none with weight 0.
         target_mask = generation_target_mask(
             input_ids, attention_mask, config.image_token_id, config.image_end_token_id
         )
         targets = input_ids[:, 1:][target_mask]
-        loss_generation = generation_loss_sum(self.lm_head, hidden[:, :-1][target_mask], targets)
         num_targets = targets.numel()
-        loss_generation = loss_generation / max(num_targets_global or num_targets, 1)
+        loss_generation = None
+        if weight_generation != 0:
+            loss_generation = generation_loss_sum(self.lm_head, hidden[:, :-1][target_mask], targets)
+            loss_generation = loss_generation / max(num_targets_global or num_targets, 1)
 
         # Contrastive: <soi> features paired with the images in order, minus the <soi> at sequence start.
         image_embeds = text_embeds = None
@@ -806,7 +821,9 @@ class LCLForPreTraining(LCLPreTrainedModel):
 
         result.loss_generation = loss_generation
         result.loss_contrastive = loss_contrastive
-        result.loss = config.generation_loss_weight * loss_generation + config.contrastive_loss_weight * loss_contrastive
+        result.loss = weight_contrastive * loss_contrastive
+        if loss_generation is not None:
+            result.loss = result.loss + weight_generation * loss_generation
         result.image_embeds = image_embeds
         result.text_embeds = text_embeds
         result.num_contrastive_pairs = num_pairs

@@ -139,6 +139,11 @@ class LCLTrainer(Trainer):
         _ = self._pretraining_model  # fail here, not at the first step, if the model is not an LCL one
         self.add_callback(LogitScaleClampCallback())
         self.add_callback(DatasetEpochCallback())
+        if self.loss_weights[1] == 0:
+            # Contrastive only: the model skips the LM head, so it gets no gradient. Frozen, it is neither decayed
+            # by AdamW nor a parameter DDP waits for.
+            logger.info("generation_loss_weight is 0: the LM head is not run and is frozen.")
+            self._pretraining_model.lm_head.requires_grad_(False)
         self._metric_sums = None  # (loss_contrastive, loss_generation, images) since the last log, this rank
         self._metrics_since = None
         self._pending_logs = {}
@@ -203,9 +208,9 @@ class LCLTrainer(Trainer):
         if counts is not None:
             inputs["num_contrastive_pairs_in_batch"] = counts.contrastive_pairs
             inputs["num_generation_targets_in_batch"] = counts.generation_targets
-        outputs = model(**inputs)
         weight_con, weight_gen = self.loss_weights
-        loss = weight_con * outputs.loss_contrastive + weight_gen * outputs.loss_generation
+        outputs = model(**inputs, contrastive_loss_weight=weight_con, generation_loss_weight=weight_gen)
+        loss = outputs.loss
         if counts is not None:
             loss = loss * self.accelerator.num_processes
             if model.training:
@@ -236,7 +241,8 @@ class LCLTrainer(Trainer):
         self._metric_sums += torch.stack(
             [
                 outputs.loss_contrastive.detach().float().to(self._metric_sums.device),
-                outputs.loss_generation.detach().float().to(self._metric_sums.device),
+                (outputs.loss_generation if outputs.loss_generation is not None else torch.zeros(()))
+                .detach().float().to(self._metric_sums.device),
                 torch.tensor(float(num_images), device=self._metric_sums.device),
             ]
         )
@@ -257,6 +263,8 @@ class LCLTrainer(Trainer):
             "logit_scale": self._pretraining_model.lcl.logit_scale.item(),
             "images_per_second": sums[2].item() / elapsed,
         }
+        if self.loss_weights[1] == 0:
+            del logs["loss_generation"]  # not computed (the LM head does not run)
         self._metric_sums.zero_()
         self._metrics_since = time.perf_counter()
         return logs

@@ -182,6 +182,19 @@ def test_chunked_generation_loss_equals_the_one_shot_loss_and_its_gradients(conf
     torch.testing.assert_close(model(**batch).loss_generation, reference)
 
 
+def test_a_zero_generation_weight_skips_the_lm_head(config, batch):
+    model = LCLForPreTraining(config)
+    full = model(**batch)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    contrastive_only = model(**batch, generation_loss_weight=0.0, contrastive_loss_weight=2.0)
+    assert calls == [] and contrastive_only.loss_generation is None
+    torch.testing.assert_close(contrastive_only.loss, 2.0 * full.loss_contrastive)
+    torch.testing.assert_close(contrastive_only.loss_contrastive, full.loss_contrastive)
+    reweighted = model(**batch, contrastive_loss_weight=0.0)  # the generation weight of the config (1.0)
+    torch.testing.assert_close(reweighted.loss, config.generation_loss_weight * full.loss_generation)
+
+
 def test_losses_match_a_hand_computation_independent_of_the_model_code():
     """Two pairs and three generation targets with numbers small enough to check on paper."""
     from modeling_lcl.loss_lcl import contrastive_loss
