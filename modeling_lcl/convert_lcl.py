@@ -33,11 +33,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers.utils import logging
 
 from .configuration_lcl import LCLConfig
+from .hub_lcl import lcl_card_data
 from .modeling_lcl import LCLForPreTraining
 
 logger = logging.get_logger(__name__)
@@ -762,17 +763,15 @@ def build_model_card(
     datasets: list[str] | None = None,
     **template_kwargs,
 ) -> ModelCard:
-    """A `ModelCard` with LCL metadata (library, tags, license, datasets, pipeline) rendered from `template`.
+    """A `ModelCard` rendered from `template` (a converted checkpoint's card, see `hub_configs/`), with the
+    metadata of every LCL card (`hub_lcl.lcl_card_data`).
 
     `license` and `datasets` default to the variant's; `template_kwargs` fill the template's own variables
-    (e.g. `source_checkpoint`, `verification`, `repo_id`).
+    (e.g. `source_checkpoint`, `verification`, `repo_id`). Cards of trained runs: `hub_lcl.build_model_card`.
     """
-    card_data = ModelCardData(
-        library_name="transformers",
+    card_data = lcl_card_data(
         license=license or (variant.license if variant is not None else None),
-        tags=["lcl", "vision", "image-feature-extraction", "latent-compression-learning"],
-        datasets=datasets or (list(variant.datasets) if variant is not None else None),
-        pipeline_tag="image-feature-extraction",
+        datasets=datasets or (list(variant.datasets) if variant is not None else ()),
     )
     return ModelCard.from_template(
         card_data,

@@ -4,7 +4,8 @@
   `config.json`, so `AutoModel.from_pretrained(folder_or_repo, trust_remote_code=True)` works where this
   package is not installed.
 - `build_model_card(...)`: a `huggingface_hub.ModelCard` whose metadata carries the library, tags,
-  datasets, license, the run's losses and its evaluation results (`model-index`).
+  datasets, license, the run's losses and its evaluation results (`model-index`); `lcl_card_data(...)`, its
+  metadata, is shared with the converter's template-rendered cards.
 - `push_folder_to_hub(folder, repo_id)`: create the repository (if needed) and upload a saved folder in one
   commit, for folders saved outside a `Trainer`.
 """
@@ -57,6 +58,18 @@ def add_remote_code(folder: str | os.PathLike) -> list[str]:
     return copied
 
 
+def lcl_card_data(*, datasets=(), tags=(), **fields) -> ModelCardData:
+    """Model-card metadata of every LCL model card (this module's and the converter's templates): library
+    `transformers`, the LCL tags plus `tags`, pipeline `image-feature-extraction`, and `fields`."""
+    return ModelCardData(
+        library_name="transformers",
+        datasets=list(datasets) or None,
+        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
+        pipeline_tag="image-feature-extraction",
+        **fields,
+    )
+
+
 def build_model_card(
     model_name: str,
     config,
@@ -84,13 +97,11 @@ def build_model_card(
         description: A paragraph about this particular model (data, purpose).
     """
     training_metrics = {name: float(value) for name, value in (training_metrics or {}).items()}
-    card_data = ModelCardData(
+    card_data = lcl_card_data(
         model_name=model_name,
-        library_name="transformers",
         license=license,
-        datasets=list(datasets) or None,
-        tags=list(dict.fromkeys([*DEFAULT_TAGS, *tags])),
-        pipeline_tag="image-feature-extraction",
+        datasets=datasets,
+        tags=tags,
         eval_results=list(eval_results) or None,
         training_metrics=training_metrics or None,
     )
