@@ -16,6 +16,7 @@ Batches are padded to the longest sequence (optionally rounded up to `pad_to_mul
 """
 
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import numpy as np
@@ -393,12 +394,12 @@ class LCLProcessor(ProcessorMixin):
             return input_ids, attention_mask
         # Filled arrays: converting nested lists of thousands of ids with `torch.tensor` costs more than
         # tokenizing them.
+        lengths = np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences))
+        is_token = np.arange(length) < lengths[:, None]
         input_ids = np.full((len(sequences), length), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((len(sequences), length), dtype=np.int64)
-        for row, seq in enumerate(sequences):
-            input_ids[row, : len(seq)] = seq
-            attention_mask[row, : len(seq)] = 1
-        return input_ids, attention_mask
+        # Boolean assignment fills row by row: the ids of all sequences end to end.
+        input_ids[is_token] = np.fromiter(chain.from_iterable(sequences), dtype=np.int64, count=int(lengths.sum()))
+        return input_ids, is_token.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------

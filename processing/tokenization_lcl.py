@@ -171,6 +171,10 @@ class LCLTokenizer(TokenizersBackend):
         ids: list = [None] * len(texts)
         others = []
         for index, text in enumerate(texts):
+            if _NEEDS_FTFY.search(text) is None:
+                # Plain ASCII: the cleaning is the whitespace collapse and lower-casing, i.e. these chunks.
+                ids[index] = self._encode_ascii(text.lower().split())
+                continue
             cleaned = clean_text(text)
             if cleaned.isascii():
                 ids[index] = self._encode_ascii(cleaned.split(" "))
@@ -186,13 +190,16 @@ class LCLTokenizer(TokenizersBackend):
         cache = self.__dict__.get("_chunk_ids")
         if cache is None or len(cache) >= CHUNK_CACHE_SIZE:
             cache = self.__dict__["_chunk_ids"] = {}
+        ids = []
         try:
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+            for chunk in chunks:
+                ids += cache[chunk]
         except KeyError:
             for chunk in chunks:
                 if chunk not in cache:
                     cache[chunk] = [i for word in _ASCII_WORDS.findall(chunk) for i in self._bpe_word(word)]
-            return list(chain.from_iterable(map(cache.__getitem__, chunks)))
+            ids = list(chain.from_iterable(map(cache.__getitem__, chunks)))
+        return ids
 
     def _bpe_word(self, word: str) -> list[int]:
         """The BPE ids of one pre-tokenized ASCII word (mapped to byte-level symbols, as the pipeline does)."""
