@@ -62,6 +62,17 @@ def collate(samples: list[dict]) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
 
+class StopAfter(TrainerCallback):
+    """Stops training after `step` optimizer steps, as an interruption would (the run is resumed later)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
 class GradientCapture(TrainerCallback):
     """Keeps a copy of every gradient just before the first optimizer step (after DDP's averaging)."""
 

@@ -19,7 +19,7 @@ from examples.digits import (
     held_out_captions,
     load_digit_split,
 )
-from transformers import TrainerCallback
+from helpers_distributed import StopAfter
 
 from examples.pretrain_lcl import DEMO_TRAINING_DEFAULTS, build_job, parse_args, run
 
@@ -148,15 +148,6 @@ def test_fast_run_trains_evaluates_saves_and_prints_the_table(tmp_path, capsys):
     assert {"loss_contrastive", "loss_generation"} <= set(card.data.training_metrics)
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["steps"] == 5 and results["linear_probe_accuracy"] == pytest.approx(metrics["linear_probe_accuracy"])
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def train_losses(output_dir, callbacks=None, resume=False, data_args=("--eval-samples", "50")) -> dict[int, float]:

@@ -7,7 +7,15 @@ import os
 
 import pytest
 import torch
-from helpers_distributed import SCENARIOS, DocumentDataset, collate, first_log, make_trainer, train_one_step
+from helpers_distributed import (
+    SCENARIOS,
+    DocumentDataset,
+    StopAfter,
+    collate,
+    first_log,
+    make_trainer,
+    train_one_step,
+)
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -188,15 +196,6 @@ def resumable_trainer(output_dir, callbacks=(), trainer_class=LCLTrainer):
         max_steps=6, save_strategy="steps", save_steps=2, train_sampling_strategy="random", max_grad_norm=1.0,
         lr_scheduler_type="cosine", warmup_steps=2,
     )
-
-
-class StopAfter(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def step_losses(trainer) -> dict[int, tuple]:
