@@ -61,14 +61,14 @@ class LCLImageProcessor(PilBackend):
         """PIL images: `convert("RGB")` as the reference (alpha dropped, palettes and CMYK mapped); arrays as
         transformers does."""
         if isinstance(image, PIL.Image.Image):
-            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+            return np.asarray(_rgb(image))
         return super().convert_to_rgb(image, input_data_format=input_data_format)
 
     def process_image(self, image, do_convert_rgb: bool | None = None, input_data_format=None, **kwargs):
         """PIL images stay PIL images (converted to RGB): `_preprocess` resizes and crops them in PIL and makes
         one array of the crop, instead of converting the whole image to an array and back."""
         if isinstance(image, PIL.Image.Image) and do_convert_rgb:
-            return image if image.mode == "RGB" else image.convert("RGB")
+            return _rgb(image)
         return super().process_image(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format, **kwargs)
 
     def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
@@ -159,6 +159,11 @@ class LCLImageProcessor(PilBackend):
         if do_pad:
             processed = self.pad(processed, pad_size=pad_size)
         return BatchFeature(data={"pixel_values": processed}, tensor_type=return_tensors)
+
+
+def _rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The reference's `convert("RGB")`: alpha dropped (not composited), palettes and CMYK mapped."""
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def _resized_shape(height: int, width: int, shortest_edge: int) -> tuple[int, int]:

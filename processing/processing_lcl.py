@@ -300,7 +300,7 @@ class LCLProcessor(ProcessorMixin):
         if not texts:
             return []
         if hasattr(self.tokenizer, "encode_texts"):
-            return self.tokenizer.encode_texts(texts)  # `LCLTokenizer`: the same ids, with a word cache
+            return self.tokenizer.encode_texts(texts)  # `LCLTokenizer`: the same ids, through its chunk cache
         # split_special_tokens: text that spells "<start_of_img>" must not forge an image block.
         encoded = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
         return encoded["input_ids"]

@@ -157,7 +157,6 @@ class LCLTokenizer(TokenizersBackend):
             **kwargs,
         )
 
-
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without `<sot>`/`<eot>` and with special-token strings split as text:
         `self(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]`, faster.
