@@ -202,3 +202,31 @@ def test_main_job_on_mmc4_resumes_with_the_same_image_choices_and_layouts(tmp_pa
     assert [step for step in sorted(resumed) if step > 2] == [3, 4]
     for step in (3, 4):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_main_job_trains_on_mmc4_obelics_and_pairs_together(tmp_path, monkeypatch):
+    """Every data option of the command line at once: the sources are concatenated and named in the card."""
+    import PIL.Image
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    mmc4_args = write_mmc4(tmp_path)  # also writes images/red.png, green.png, ...
+    images = tmp_path / "images"
+    obelics = tmp_path / "obelics.jsonl"
+    rows = [{"texts": [f"Document {i}.", None, "The end."], "images": [None, "blue.png", None]} for i in range(12)]
+    obelics.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for i in range(12):
+        PIL.Image.new("RGB", (20, 20), (10 * i, 80, 120)).save(pairs / f"{i}.png")
+    (pairs / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"a square {i}"})
+                                                    for i in range(12)) + "\n")  # fmt: skip
+    output_dir = tmp_path / "mixed"
+    metrics = run([
+        *mmc4_args, "--obelics", str(obelics), "--obelics-images", str(images), "--pairs", str(pairs),
+        "--max-steps", "2", "--per-device-train-batch-size", "8", "--output-dir", str(output_dir),
+        "--save-strategy", "no", "--disable-tqdm", "true", "--logging-steps", "1",
+    ])  # fmt: skip
+    assert metrics == {}  # no held-out digits to evaluate on
+    card = ModelCard.load(output_dir / "README.md")
+    assert {"pairs", "mmc4", "obelics"} <= set(card.data.datasets)
+    assert json.loads((output_dir / "eval_results.json").read_text())["steps"] == 2
