@@ -4,6 +4,9 @@ Run as a script under `torchrun` it trains one step with `LCLTrainer` on each gl
 sharded over the ranks, and saves the logged losses and the averaged gradients (rank 0) to `<out_file>`:
 
     torchrun --standalone --nproc_per_node 2 tests/helpers_distributed.py <out_file>
+
+With `resume` after `<out_file>` it instead trains 6 steps with a checkpoint every 2, once uninterrupted and
+once interrupted after step 4 and resumed, and saves both runs' step losses (`resume_main`).
 """
 
 import os
@@ -139,9 +142,63 @@ def first_log(trainer) -> dict:
     return next(entry for entry in trainer.state.log_history if "loss" in entry)
 
 
+RESUME_KINDS = SCENARIOS["uneven"] * 4  # 24 documents: 6 steps of 4 (on one process or several)
+
+
+def step_losses(trainer) -> dict[int, tuple]:
+    """`{step: (loss, loss_contrastive, loss_generation)}` of every logged training step."""
+    return {
+        entry["step"]: (entry["loss"], entry["loss_contrastive"], entry["loss_generation"])
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    }
+
+
+def resumable_trainer(output_dir, per_device_batch: int = 4, callbacks=(), trainer_class=LCLTrainer, **overrides):
+    """6 steps on `RESUME_KINDS` (shuffled, warm-up + cosine, clipping), a checkpoint every 2 steps."""
+    return make_trainer(
+        str(output_dir), RESUME_KINDS, per_device_batch=per_device_batch, callbacks=callbacks,
+        trainer_class=trainer_class, max_steps=6, save_strategy="steps", save_steps=2,
+        train_sampling_strategy="random", max_grad_norm=1.0, lr_scheduler_type="cosine", warmup_steps=2, **overrides,
+    )  # fmt: skip
+
+
+def resume_main(out_file: str) -> None:
+    """Under torchrun: an uninterrupted run and one interrupted after step 4 then resumed; rank 0 saves both
+    runs' step losses and the checkpoint folders to `out_file`."""
+    world_size = int(os.environ["WORLD_SIZE"])
+    root = os.path.dirname(out_file)
+    per_device = 4 // world_size
+    full = resumable_trainer(os.path.join(root, "full"), per_device, ddp_backend="gloo")
+    full.train()
+    interrupted = resumable_trainer(os.path.join(root, "resumed"), per_device, [StopAfter(4)], ddp_backend="gloo")
+    interrupted.train()
+    resumed = resumable_trainer(os.path.join(root, "resumed"), per_device, ddp_backend="gloo")
+    resumed.train(resume_from_checkpoint=True)
+    if resumed.is_world_process_zero():
+        results = {
+            "full": step_losses(full),
+            "resumed": step_losses(resumed),
+            "folders": sorted(os.listdir(os.path.join(root, "resumed"))),
+        }
+        torch.save(results, out_file)
+
+
 def main():
-    """Every scenario in one process group; rank 0 saves `{scenario: {"log", "gradients"}}` to argv[1]."""
+    """`scenarios_main` on argv[1], or `resume_main` with `resume` as argv[2]."""
     out_file = sys.argv[1]
+    if sys.argv[2:] == ["resume"]:
+        resume_main(out_file)
+    else:
+        scenarios_main(out_file)
+    # A clean teardown: every rank waits for rank 0's file, then leaves the group before the interpreter exits.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def scenarios_main(out_file: str) -> None:
+    """Every scenario in one process group; rank 0 saves `{scenario: {"log", "gradients"}}` to `out_file`."""
     world_size = int(os.environ["WORLD_SIZE"])
     results = {}
     for scenario, kinds in SCENARIOS.items():

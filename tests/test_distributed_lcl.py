@@ -33,6 +33,30 @@ def two_process_results(tmp_path_factory):
     return torch.load(out_file)
 
 
+@pytest.fixture(scope="module")
+def two_process_resume(tmp_path_factory):
+    out_file = tmp_path_factory.mktemp("ddp-resume") / "results.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(HELPER), str(out_file), "resume"]
+    completed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-6000:]
+    return torch.load(out_file)
+
+
+def test_two_processes_interrupted_and_resumed_reach_the_same_losses(two_process_resume):
+    """Checkpoints written by 2 processes (rank 0 publishes the staging folder once all ranks have written)
+    resume on 2 processes to the losses of the uninterrupted 2-process run."""
+    full, resumed = two_process_resume["full"], two_process_resume["resumed"]
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]
+    assert [step for step in sorted(resumed) if step > 4] == [5, 6]
+    for step in (5, 6):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-6), step
+    folders = two_process_resume["folders"]
+    assert {"checkpoint-2", "checkpoint-4", "checkpoint-6"} <= set(folders)
+    assert not any(name.startswith("_tmp-") for name in folders)
+
+
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_two_processes_match_one_process_on_the_concatenated_batch(two_process_results, scenario, tmp_path):
     trainer, gradients = train_one_step(str(tmp_path), SCENARIOS[scenario], per_device_batch=SCENARIO_BATCH)

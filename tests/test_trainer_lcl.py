@@ -12,8 +12,11 @@ from helpers_distributed import (
     DocumentDataset,
     StopAfter,
     collate,
+    RESUME_KINDS,
     first_log,
     make_trainer,
+    resumable_trainer,
+    step_losses,
     train_one_step,
 )
 from transformers import TrainerCallback
@@ -186,25 +189,6 @@ def test_evaluate_reports_the_loss(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: resume equivalence and crash safety
 # ---------------------------------------------------------------------------------------------
-
-RESUME_KINDS = SCENARIOS["uneven"] * 4  # 24 documents: 6 steps of 4, shuffled by the seeded sampler
-
-
-def resumable_trainer(output_dir, callbacks=(), trainer_class=LCLTrainer):
-    return make_trainer(
-        str(output_dir), RESUME_KINDS, per_device_batch=4, callbacks=callbacks, trainer_class=trainer_class,
-        max_steps=6, save_strategy="steps", save_steps=2, train_sampling_strategy="random", max_grad_norm=1.0,
-        lr_scheduler_type="cosine", warmup_steps=2,
-    )
-
-
-def step_losses(trainer) -> dict[int, tuple]:
-    return {
-        entry["step"]: (entry["loss"], entry["loss_contrastive"], entry["loss_generation"])
-        for entry in trainer.state.log_history
-        if "loss" in entry
-    }
-
 
 def test_interrupted_and_resumed_run_reaches_the_same_losses(tmp_path):
     uninterrupted = resumable_trainer(tmp_path / "full")
