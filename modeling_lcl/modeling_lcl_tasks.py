@@ -42,7 +42,8 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
     and on every step with `use_cache=False`, where the whole sequence is re-read.
 
     The default generation config suppresses the image-block tokens (`<soi>`, `<img>`, `<eoi>`): the
-    model cannot produce pixels, so an emitted block could never be filled.
+    model cannot produce pixels, so an emitted block could never be filled. It pads rows that finished early
+    with `<eot>`, not with the config's `pad_token_id` (0, a real token in CLIP BPE).
     """
 
     def __init__(self, config: LCLConfig):
@@ -53,13 +54,18 @@ class LCLForConditionalGeneration(LCLPreTrainedModel, GenerationMixin):
         self._set_generation_defaults()
 
     def _set_generation_defaults(self):
-        if self.generation_config.suppress_tokens is None:
-            config = self.config
-            self.generation_config.suppress_tokens = [
+        config, generation_config = self.config, self.generation_config
+        if generation_config.suppress_tokens is None:
+            generation_config.suppress_tokens = [
                 config.image_start_token_id,
                 config.image_token_id,
                 config.image_end_token_id,
             ]
+        # Rows of a batch that finish early are filled with `pad_token_id`. The config's (0, the reference's
+        # padding id) is the real token "!", which decoding would keep; <eot> is dropped with the special tokens.
+        eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+        if eos is not None and generation_config.pad_token_id in (None, config.pad_token_id):
+            generation_config.pad_token_id = eos
 
     def adjust_generation_fn(self, *args, **kwargs):
         # `from_pretrained` replaces the generation config with the checkpoint's (or one built from its

@@ -149,6 +149,22 @@ def test_image_block_tokens_are_never_generated(config, tmp_path):
     assert (out[:, input_ids.shape[1]] == EOT).all()
 
 
+def test_rows_that_finish_early_are_padded_with_eot_not_token_0(model, config, tmp_path):
+    assert config.pad_token_id == 0 and model.generation_config.pad_token_id == EOT
+    sequences, pixel_values = caption_prompts(config)
+    greedy = generate(model, sequences, pixel_values)
+    prompt_length = greedy.shape[1] - NEW_TOKENS
+    first_of_row0 = int(greedy[0, prompt_length])
+    # Make row 0's first new token its end of sequence: its later columns are then padding.
+    input_ids, attention_mask = left_pad(sequences)
+    stopped = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             max_new_tokens=NEW_TOKENS, eos_token_id=first_of_row0)  # fmt: skip
+    row0 = stopped[0, prompt_length + 1 :]
+    assert row0.numel() > 0 and (row0 == EOT).all()
+    model.save_pretrained(tmp_path)
+    assert LCLForConditionalGeneration.from_pretrained(tmp_path).generation_config.pad_token_id == EOT
+
+
 def test_labels_give_the_mean_next_token_cross_entropy(model, config):
     sequences, pixel_values = caption_prompts(config)
     input_ids, attention_mask = left_pad(sequences[1:2] + [image_block(config.num_image_tokens) + [5, 6, 7, EOT]])
