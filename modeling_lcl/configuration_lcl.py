@@ -128,8 +128,10 @@ class LCLConfig(PreTrainedConfig):
         eos_token_id (`int`, defaults to 49407):
             `<end_of_text>` (`<eot>`).
         pad_token_id (`int`, defaults to 0):
-            Padding id (the reference pads with 0). Padding is read from `attention_mask`, never
-            from this id, so the real token 0 (`!`) is still learned.
+            Padding id of the processor's batches (the reference pads with 0). Padding is read from
+            `attention_mask`, never from this id, so the real token 0 (`!`) is still learned. The causal head
+            (`text_config`, hence generation) pads with `<eot>` instead, as the tokenizer does: the rows a
+            batched `generate()` fills must not read as `!`.
         initializer_factor (`float`, defaults to 1.0):
             Multiplier on every initialisation standard deviation.
         classifier_pooling (`str`, defaults to `"latent"`):
@@ -170,8 +172,10 @@ class LCLConfig(PreTrainedConfig):
             self.vision_config = {**LCL_VISION_DEFAULTS, **self.vision_config}
             # Checked before CLIPVisionConfig sees it, which would wrap the error in its own exception type.
             _check_heads("vision_config", self.vision_config["hidden_size"], self.vision_config["num_attention_heads"])
-        # The special ids are stated once, here; the causal head (and generation) read the same values.
-        text_ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id}
+        # The special ids are stated once, here; the causal head (and generation) read the same values, except
+        # padding: <eot>, as the tokenizer pads (0, the batches' padding, is the real token "!").
+        eos = self.eos_token_id[0] if isinstance(self.eos_token_id, list) else self.eos_token_id
+        text_ids = {"bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": eos}
         if self.text_config is None or isinstance(self.text_config, dict):
             self.text_config = {**(self.text_config or {}), **text_ids}
         else:

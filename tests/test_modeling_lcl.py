@@ -55,6 +55,8 @@ def test_config_validation_errors_name_the_problem(kwargs, message):
 def test_special_ids_are_shared_with_the_causal_head(config):
     assert config.text_config.bos_token_id == SOT
     assert config.text_config.eos_token_id == EOT
+    # Padding: the batches keep the reference's id (0); the causal head and generation pad with <eot>.
+    assert config.pad_token_id == 0 and config.text_config.pad_token_id == EOT
     reloaded = LCLConfig.from_dict(config.to_dict())
     assert reloaded.to_dict() == config.to_dict()
 

@@ -148,6 +148,11 @@ def test_fast_run_trains_evaluates_saves_and_prints_the_table(tmp_path, capsys):
     assert {"loss_contrastive", "loss_generation"} <= set(card.data.training_metrics)
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["steps"] == 5 and results["linear_probe_accuracy"] == pytest.approx(metrics["linear_probe_accuracy"])
+    # Trainer aligns the causal head's special ids to the tokenizer's; they already agree (padding: <eot>),
+    # while the batches keep the reference's padding id 0.
+    saved_config = json.loads((output_dir / "config.json").read_text())
+    assert saved_config["pad_token_id"] == 0
+    assert saved_config["text_config"]["pad_token_id"] == saved_config["eos_token_id"] == 49407
 
 
 def train_losses(output_dir, callbacks=None, resume=False, data_args=("--eval-samples", "50")) -> dict[int, float]:
