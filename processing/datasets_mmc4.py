@@ -25,6 +25,7 @@ from datasets import Dataset, Features, IterableDataset, List, Value
 from transformers.utils import logging
 
 from .datasets_common import SkipStats, apply_builder, row_rng, split_for_node, try_load_image
+from .processing_lcl import check_image_first_prob
 
 logger = logging.get_logger(__name__)
 
@@ -61,8 +62,7 @@ class MMC4DocumentBuilder:
         one_image_per_sentence: bool = True,
         seed: int | None = None,
     ):
-        if not 0.0 <= image_first_prob <= 1.0:
-            raise ValueError(f"image_first_prob must be in [0, 1], got {image_first_prob}.")
+        check_image_first_prob(image_first_prob)
         if max_images < 1:
             raise ValueError(f"max_images must be at least 1, got {max_images}.")
         self.image_dir = image_dir

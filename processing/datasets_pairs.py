@@ -13,6 +13,7 @@ from datasets import Dataset, Image, IterableDataset, load_dataset
 from .datasets_common import SkipStats, apply_builder, row_rng, split_for_node, try_load_image
 from .datasets_mmc4 import expand_paths
 from .datasets_obelics import undecoded_images
+from .processing_lcl import check_image_first_prob
 
 IMAGE_COLUMN_NAMES = ("image", "jpg", "jpeg", "png", "webp", "img")
 TEXT_COLUMN_NAMES = ("text", "caption", "txt", "captions")
@@ -34,8 +35,8 @@ class PairBuilder:
         image_first_prob: float | None = None,
         seed: int | None = None,
     ):
-        if image_first_prob is not None and not 0.0 <= image_first_prob <= 1.0:
-            raise ValueError(f"image_first_prob must be in [0, 1], got {image_first_prob}.")
+        if image_first_prob is not None:
+            check_image_first_prob(image_first_prob)
         self.image_column = image_column
         self.text_column = text_column
         self.image_dir = image_dir

@@ -105,7 +105,7 @@ class LCLProcessor(ProcessorMixin):
                 f"max_length ({max_length}) leaves no room for an image block and a caption: it must be at least "
                 f"num_image_tokens + 4 = {num_image_tokens + 4} (<sot>/<eot>, <soi>, {num_image_tokens} <img>, <eoi>)."
             )
-        _check_probability(image_first_prob)
+        check_image_first_prob(image_first_prob)
         if not image_marker:
             raise ValueError("image_marker must be a non-empty string.")
         self.num_image_tokens = num_image_tokens
@@ -184,7 +184,7 @@ class LCLProcessor(ProcessorMixin):
     ) -> list[LCLSequence]:
         """Lay out `Document` / `Pair` / `Prompt` samples as token ids (not padded, images not processed)."""
         image_first_prob = self.image_first_prob if image_first_prob is None else image_first_prob
-        _check_probability(image_first_prob)
+        check_image_first_prob(image_first_prob)
         texts, slots = self._collect_texts(samples)
         token_ids = self._tokenize(texts)
         draws = self._image_first_draws(samples, image_first_prob, generator)
@@ -430,7 +430,8 @@ def _special_ids_of(tokenizer) -> dict[str, int]:
     return ids
 
 
-def _check_probability(value: float) -> None:
+def check_image_first_prob(value: float) -> None:
+    """The processor's and the readers' one check of an image-first probability."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"image_first_prob must be in [0, 1], got {value}.")
 
