@@ -140,7 +140,33 @@ def contrastive_soi_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     return (input_ids == image_start_token_id) & attention_mask.bool() & (position_in_sequence > 0)
 
 
+def loss_prefix_lengths(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_token_id: int,
+    image_end_token_id: int,
+    image_start_token_id: int,
+    generation: bool = True,
+    contrastive: bool = True,
+) -> torch.Tensor:
+    """`(batch,)` long: how many leading positions of each sequence the two losses read.
+
+    The generation loss reads the output at t when token t + 1 is a target, the contrastive loss the output at
+    each `<soi>` of `contrastive_soi_mask`. A causal output depends on no later token, so a sequence's outputs up
+    to its last read position are all the losses need (0 when it has none, e.g. an image-first pair in a
+    contrastive-only run). Pass `generation=False` / `contrastive=False` for a loss that is not computed.
+    """
+    read = torch.zeros_like(input_ids, dtype=torch.bool)
+    if contrastive:
+        read |= contrastive_soi_mask(input_ids, attention_mask, image_start_token_id)
+    if generation:
+        read[:, :-1] |= generation_target_mask(input_ids, attention_mask, image_token_id, image_end_token_id)
+    positions = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device)
+    return (read * positions).amax(-1)
+
+
 __all__ = [
+    "loss_prefix_lengths",
     "generation_loss_sum",
     "GatheredFeatures",
     "FeatureGather",

@@ -28,7 +28,9 @@ from .loss_lcl import (
     gather_local,
     generation_loss_sum,
     generation_target_mask,
+    loss_prefix_lengths,
 )
+from .packing_lcl import plan_packing
 
 # ----------------------------------------------------------------------------------------------
 # Outputs
@@ -528,6 +530,7 @@ class LCLModel(LCLPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         interleaved: bool | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
         **kwargs,
     ) -> LCLModelOutput:
         r"""
@@ -542,6 +545,11 @@ class LCLModel(LCLPreTrainedModel):
             `True` reads `input_ids` as documents whatever they hold (the heads pass it, so images without
             image blocks are an error there); `False` asks for retrieval mode; `None` (default) picks
             retrieval mode when `pixel_values` are given and `input_ids` hold no image-block token at all.
+        prefix_lengths (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Run the causal transformer only on the first `prefix_lengths[b]` tokens of each sequence, packed
+            several to a row (see `packing_lcl`). Under causal attention these outputs are those of the full
+            sequences; `last_hidden_state` is 0 after each prefix. `LCLForPreTraining(pack_sequences=True)` passes
+            the prefixes its loss reads. Not with a cache, `position_ids` or `output_hidden_states`.
 
         Retrieval mode: the texts are candidate prompts (`<sot> prompt <eot>`), not documents, and the output
         carries CLIP-style `logits_per_image` / `logits_per_text`, which is what transformers'
@@ -564,15 +572,27 @@ class LCLModel(LCLPreTrainedModel):
         inputs_embeds = self.embed_interleaved(
             input_ids, vision_outputs.image_token_embeds if vision_outputs is not None else None
         )
-        text_outputs = self.text_model(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **kwargs,
-        )
+        if prefix_lengths is not None:
+            if cache is not None or use_cache or position_ids is not None or output_hidden_states:
+                raise ValueError(
+                    "prefix_lengths (packed prefixes) cannot be combined with a cache, use_cache, position_ids or "
+                    "output_hidden_states: the packed rows have their own positions and no per-sequence states."
+                )
+            plan = plan_packing(prefix_lengths.tolist(), input_ids.shape[1], device=input_ids.device)
+            text_outputs = self.text_model(
+                inputs_embeds=plan.pack(inputs_embeds), position_ids=plan.position_ids, **kwargs
+            )  # no attention mask: transformers derives the per-segment causal mask from the position ids
+            text_outputs.last_hidden_state = plan.unpack(text_outputs.last_hidden_state)
+        else:
+            text_outputs = self.text_model(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
         hidden = text_outputs.last_hidden_state
         soi_mask = (input_ids == self.config.image_start_token_id) & real_tokens.bool()
         soi_positions = soi_mask.nonzero()
@@ -732,6 +752,7 @@ class LCLForPreTraining(LCLPreTrainedModel):
         num_generation_targets_in_batch: int | None = None,
         contrastive_loss_weight: float | None = None,
         generation_loss_weight: float | None = None,
+        pack_sequences: bool = False,
         **kwargs,
     ) -> LCLForPreTrainingOutput:
         r"""
@@ -749,8 +770,29 @@ class LCLForPreTraining(LCLPreTrainedModel):
             Override the config's loss weights for this call (`LCLTrainer` passes its own). With a generation
             weight of 0 the LM head is not run and `loss_generation` is `None` (a contrastive-only run does
             not pay for the vocabulary-sized head).
+        pack_sequences (`bool`, defaults to `False`):
+            Run the causal transformer only on the prefix of each sequence that the loss reads, packed several
+            to a row (`packing_lcl`): the same losses and gradients for less work, e.g. a text-first pair skips
+            its whole image block. `last_hidden_state` is then 0 after each prefix. `LCLTrainer` turns it on
+            (`LCLTrainingArguments.pack_sequences`). Needs `return_loss` and no logits, cache or hidden states.
         """
         real_tokens = current_token_mask(input_ids, attention_mask)
+        weights = (
+            self.config.contrastive_loss_weight if contrastive_loss_weight is None else contrastive_loss_weight,
+            self.config.generation_loss_weight if generation_loss_weight is None else generation_loss_weight,
+        )
+        prefix_lengths = None
+        if pack_sequences:
+            if not return_loss or output_logits:
+                raise ValueError(
+                    "pack_sequences computes only the positions the loss reads: it needs return_loss=True and "
+                    "output_logits=False."
+                )
+            config = self.config
+            prefix_lengths = loss_prefix_lengths(
+                input_ids, real_tokens, config.image_token_id, config.image_end_token_id, config.image_start_token_id,
+                generation=weights[1] != 0, contrastive=pixel_values is not None,
+            )  # fmt: skip
         outputs = self.lcl(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -760,6 +802,7 @@ class LCLForPreTraining(LCLPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             interleaved=True,  # images + plain texts are an input error here, not a retrieval query
+            prefix_lengths=prefix_lengths,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -775,10 +818,6 @@ class LCLForPreTraining(LCLPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
         if return_loss:
-            weights = (
-                self.config.contrastive_loss_weight if contrastive_loss_weight is None else contrastive_loss_weight,
-                self.config.generation_loss_weight if generation_loss_weight is None else generation_loss_weight,
-            )
             self._add_losses(
                 result, input_ids, real_tokens, outputs, num_contrastive_pairs_in_batch, num_generation_targets_in_batch,
                 weights,

@@ -11,6 +11,10 @@ What it adds to `Trainer`:
   `DistributedFeatureGather` (features of all ranks, with gradients, padded and masked). Under gradient
   accumulation the negatives of a pair are the pairs of its own micro-batch (on all ranks), as in OpenCLIP
   without feature caching.
+- **Packed prefixes.** The model runs its causal transformer only on the part of each sequence the loss reads,
+  packed several sequences to a row (`LCLForPreTraining(pack_sequences=True)`, see `packing_lcl`): the same
+  losses, without the image block of every text-first pair. `LCLTrainingArguments.pack_sequences=False` turns
+  it off.
 - **Logs.** `loss_contrastive`, `loss_generation` (global means, averaged over the logging interval),
   `logit_scale` (the learned log inverse temperature) and `images_per_second` next to the usual ones.
 - **Weight decay** skips biases, norms and parameters of fewer than 2 dimensions (`logit_scale`, the class
@@ -64,6 +68,11 @@ class LCLTrainingArguments(TrainingArguments):
     )
     generation_loss_weight: float | None = field(
         default=None, metadata={"help": "λ_gen; default: the model config's (1.0). 0 trains contrastive only (CLIP-like)."}
+    )
+    pack_sequences: bool = field(
+        default=True,
+        metadata={"help": "Run the causal transformer only on the prefix of each sequence that the loss reads, packed "
+                          "several to a row (same losses; a text-first pair skips its image block)."},
     )
 
     def __post_init__(self):
@@ -209,7 +218,12 @@ class LCLTrainer(Trainer):
             inputs["num_contrastive_pairs_in_batch"] = counts.contrastive_pairs
             inputs["num_generation_targets_in_batch"] = counts.generation_targets
         weight_con, weight_gen = self.loss_weights
-        outputs = model(**inputs, contrastive_loss_weight=weight_con, generation_loss_weight=weight_gen)
+        outputs = model(
+            **inputs,
+            contrastive_loss_weight=weight_con,
+            generation_loss_weight=weight_gen,
+            pack_sequences=getattr(self.args, "pack_sequences", True),
+        )
         loss = outputs.loss
         if counts is not None:
             loss = loss * self.accelerator.num_processes
@@ -394,6 +408,7 @@ class LCLTrainer(Trainer):
             "steps": self.state.global_step,
             "contrastive_loss_weight": weight_con,
             "generation_loss_weight": weight_gen,
+            "pack_sequences": getattr(args, "pack_sequences", True),
             "seed": args.seed,
         }
 

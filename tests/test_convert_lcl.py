@@ -329,7 +329,7 @@ def test_tiny_round_trip_loads_with_auto_classes_and_matches_the_reference(tiny_
     out = tmp_path / "converted"
     result = convert(checkpoint, config_path, out, verify=True, remote_code=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "configuration_lcl.py", "loss_lcl.py", "model.safetensors", "modeling_lcl.py"]
+        "config.json", "configuration_lcl.py", "loss_lcl.py", "model.safetensors", "modeling_lcl.py", "packing_lcl.py"]
     assert max(result.verification.values()) <= TOL
 
     config = AutoConfig.from_pretrained(out)

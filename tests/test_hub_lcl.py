@@ -24,7 +24,7 @@ from modeling_lcl.trainer_lcl import LCLTrainer, LCLTrainingArguments
 from processing import LCLImageProcessor, LCLProcessor, build_test_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-CODE_FILES = {"modeling_lcl.py", "configuration_lcl.py", "loss_lcl.py"}
+CODE_FILES = {"modeling_lcl.py", "configuration_lcl.py", "loss_lcl.py", "packing_lcl.py"}
 
 
 def tiny_processor_and_model():

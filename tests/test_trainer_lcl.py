@@ -1,6 +1,7 @@
 """LCLTrainer on a tiny model (CPU): the loss it trains on, its logs, the temperature clamp, gradient
 accumulation, gradient checkpointing, mixed precision, evaluation, resuming and crash-safe checkpoints."""
 
+import functools
 import json
 import math
 import os
@@ -80,6 +81,26 @@ def test_loss_weights_from_training_arguments_override_the_config(tmp_path, weig
         assert "loss_generation" not in log
         assert not any(name.startswith("lm_head.") for name in gradients)
         assert not any(p.requires_grad for p in trainer.model.lm_head.parameters())
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_trainer_packs_the_prefixes_by_default_with_the_same_step(tmp_path, pack, monkeypatch):
+    seen, original = [], LCLForPreTraining.forward
+
+    @functools.wraps(original)  # Trainer keeps the batch columns that the forward's signature names
+    def recording_forward(self, *args, **kwargs):
+        seen.append(kwargs["pack_sequences"])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LCLForPreTraining, "forward", recording_forward)
+    overrides = {} if pack else {"pack_sequences": False}
+    trainer, gradients = train_one_step(str(tmp_path / "run"), KINDS, per_device_batch=6, **overrides)
+    assert seen == [pack]
+    monkeypatch.setattr(LCLForPreTraining, "forward", original)
+    unpacked, unpacked_gradients = train_one_step(str(tmp_path / "unpacked"), KINDS, per_device_batch=6,
+                                                  pack_sequences=False)
+    assert first_log(trainer)["loss"] == pytest.approx(first_log(unpacked)["loss"], rel=1e-6)
+    assert_same_gradients(gradients, unpacked_gradients)
 
 
 def test_negative_loss_weight_is_rejected(tmp_path):
