@@ -13,8 +13,10 @@ measured on the spot.
 
 Attention: SDPA everywhere. The ViT and the pooler have no mask, so they get the flash kernel. The causal
 transformer gets it only when `attention_mask` is all ones (`--layout full`: every sequence fills the
-context, e.g. packed or long captions); a padded batch carries a 4-D mask and SDPA picks the
-memory-efficient kernel instead.
+context, e.g. long captions); a padded batch carries a 4-D mask and SDPA picks the memory-efficient kernel
+instead. `--layout packed` (the default, what `LCLTrainer` runs) packs the prefixes the loss reads
+(`pack_sequences=True`); its block-diagonal mask also goes to the memory-efficient kernel under SDPA, and to
+varlen flash attention with `--attn-implementation flash_attention_2` (the flash-attn package).
 """
 
 import argparse
@@ -37,7 +39,7 @@ from bench_utils import (  # noqa: E402
     write_json,
 )
 from flops import format_flops, training_step_flops  # noqa: E402
-from train_step import make_optimizer, make_pair_batches, step_shape  # noqa: E402
+from train_step import layout_inputs, make_optimizer, make_pair_batches, step_shape  # noqa: E402
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, without sparsity).
 BF16_PEAK_TFLOPS = {
@@ -80,14 +82,11 @@ def make_inputs(args, config, device):
     batch = make_pair_batches(config, args.batch_size, 1, seed=args.seed)[0]
     if args.layout == "full":
         fill_context(batch, config)
-    if args.layout == "dynamic":
-        ids, mask = batch.input_ids, batch.attention_mask
-    else:
-        ids, mask = batch.padded_input_ids, batch.padded_attention_mask
+    layout = "max_length" if args.layout == "full" else args.layout
+    ids, mask = layout_inputs(batch, layout)
     inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-              "pixel_values": batch.pixel_values.to(device)}
-    shape = step_shape(config, batch, "dynamic" if args.layout == "dynamic" else "max_length")
-    return inputs, shape
+              "pixel_values": batch.pixel_values.to(device), "pack_sequences": layout == "packed"}
+    return inputs, step_shape(config, batch, layout)
 
 
 def sync(device):
@@ -101,8 +100,9 @@ def main(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny model (smoke run); same as --variant tiny")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128, or 8 with --tiny")
-    parser.add_argument("--layout", choices=["dynamic", "max_length", "full"], default="dynamic",
+    parser.add_argument("--layout", choices=["packed", "dynamic", "max_length", "full"], default="packed",
                         help="padding of the captions (see the module docstring)")
+    parser.add_argument("--attn-implementation", default="sdpa", help="sdpa, eager, flash_attention_2, ...")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--grad-checkpointing", action="store_true")
@@ -127,6 +127,7 @@ def main(argv=None):
     config = lcl_config(args.variant)
     torch.manual_seed(args.seed)
     model = LCLForPreTraining(config).to(device).train()
+    model.set_attn_implementation(args.attn_implementation)
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, "fused")
@@ -166,7 +167,8 @@ def main(argv=None):
     measured_peak = matmul_peak_flops(size=8192 if device.type == "cuda" else 1024, dtype=matmul_dtype, device=device)
     row = {
         "variant": args.variant, "device": info["device"], "batch": args.batch_size, "layout": args.layout,
-        "seq_len": inputs["input_ids"].shape[1], "compile": args.compile, "grad_ckpt": args.grad_checkpointing,
+        "text_rows": f"{shape.num_sequences}x{shape.sequence_length}", "attention": args.attn_implementation,
+        "compile": args.compile, "grad_ckpt": args.grad_checkpointing,
         "step_s": step_s, "spread": spread(times), "images_per_s": args.batch_size / step_s,
         "tflop_per_step": flops["total"] / 1e12, "achieved_tflop_per_s": achieved / 1e12,
         "mfu_vs_datasheet": achieved / datasheet_peak if datasheet_peak else None,

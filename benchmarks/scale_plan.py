@@ -86,6 +86,29 @@ def measured_flops_per_sample(config, text_len: int, caption_tokens: int) -> flo
     return counter.get_total_flops()
 
 
+def pair_prefix_lengths(config, caption_tokens: int) -> dict[str, int]:
+    """Tokens the causal transformer runs on per pair with packed prefixes (`pack_sequences=True`): an
+    image-first pair `<soi> <img>xN <eoi> caption <eot>` without its final `<eot>`, a text-first pair
+    `<sot> caption <soi>` without the image block after its `<soi>`."""
+    return {"image_first": config.num_image_tokens + 2 + caption_tokens, "text_first": caption_tokens + 2}
+
+
+def flops_per_sample(config, layout: str, text_len: int, caption_tokens: int) -> dict:
+    """`training_step_flops` of one pair: padded to `text_len`, or packed (the mean of the two layouts, each on
+    its own prefix, as varlen flash attention computes them)."""
+    targets = caption_tokens + 1  # the caption and <soi> (text first) or <eot> (image first)
+    if layout == "padded":
+        return training_step_flops(config, StepShape(1, 1, text_len, targets, 1))
+    prefixes = pair_prefix_lengths(config, caption_tokens)
+    image_first = training_step_flops(config, StepShape(1, 1, prefixes["image_first"], targets, 0))
+    text_first = training_step_flops(config, StepShape(1, 1, prefixes["text_first"], targets, 1))
+    return {
+        "forward_terms": {name: (value + text_first["forward_terms"][name]) / 2
+                          for name, value in image_first["forward_terms"].items()},
+        "total": (image_first["total"] + text_first["total"]) / 2,
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", default="b16-laion")
@@ -93,10 +116,12 @@ def main(argv=None):
     parser.add_argument("--gpus", type=int, nargs="+", default=[8, 64, 256])
     parser.add_argument("--mfu", type=float, default=0.40,
                         help="assumed model FLOPs utilisation (gpu_step.py measures it)")
+    parser.add_argument("--layout", choices=["packed", "padded"], default="packed",
+                        help="packed: the prefixes the loss reads, packed (what LCLTrainer runs); padded: every "
+                             "pair padded to --text-len")
     parser.add_argument("--text-len", type=int, default=None,
-                        help="sequence length the causal transformer runs on (default: the context length, which "
-                             "dynamic padding reaches anyway in micro-batches of hundreds of captions; "
-                             "N + 3 + caption tokens with sequence packing)")
+                        help="padded layout: sequence length the causal transformer runs on (default: the context "
+                             "length, which dynamic padding reaches anyway in micro-batches of hundreds of captions)")
     parser.add_argument("--caption-tokens", type=int, default=14,
                         help="mean caption length in BPE tokens (log-normal, median 12, sigma 0.6: mean 14)")
     parser.add_argument("--measure-flops", action="store_true")
@@ -104,13 +129,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     config = lcl_config(args.variant)
-    text_len = args.text_len or config.text_config.max_position_embeddings
-    n = config.num_image_tokens
-    # One pair per sequence; half of them text-first (a contrastive pair), ~14 generation targets of text.
+    padded_len = args.text_len or config.text_config.max_position_embeddings
+    # Half the pairs image-first, half text-first (a contrastive pair), ~14 generation targets of text each.
     targets_per_sample = args.caption_tokens + 1  # the caption and <soi> (text first) or <eot> (image first)
-    flops = training_step_flops(config, StepShape(1, 1, text_len, targets_per_sample, 1))
+    flops = flops_per_sample(config, args.layout, padded_len, args.caption_tokens)
     per_sample = flops["total"]
-    checked = measured_flops_per_sample(config, text_len, args.caption_tokens) if args.measure_flops else None
+    # Activations grow with the tokens the causal transformer holds: the mean prefix when packed.
+    prefixes = pair_prefix_lengths(config, args.caption_tokens)
+    text_len = padded_len if args.layout == "padded" else round(sum(prefixes.values()) / 2)
+    checked = measured_flops_per_sample(config, padded_len, args.caption_tokens) if args.measure_flops else None
     attention = sum(value for name, value in flops["forward_terms"].items() if "attn_scores" in name) * 3
     params = num_parameters(config)
     rows = []
@@ -144,17 +171,25 @@ def main(argv=None):
                 "unchunked_logits_gib": logits_bytes(config, micro * targets_per_sample) / 2**30,
             })
     inputs = {
-        "variant": args.variant, "global_batch": args.global_batch, "text_len": text_len, "mfu": args.mfu,
+        "variant": args.variant, "global_batch": args.global_batch, "layout": args.layout,
+        "text_tokens_per_sample": text_len, "packed_prefixes": prefixes if args.layout == "packed" else None,
+        "mfu": args.mfu,
         "parameters": params, "train_flops_per_sample": per_sample, "flop_counter_per_sample": checked,
         "attention_score_flops_per_sample": attention,
         "activation_gib_per_sample": {"plain": activation_bytes_per_sample(config, text_len, False) / 2**30,
                                       "grad_ckpt": activation_bytes_per_sample(config, text_len, True) / 2**30},
         "gpus": GPUS, "links": LINKS,
     }
+    layout = (f"packed prefixes: {prefixes['image_first']} tokens image first, {prefixes['text_first']} text first"
+              if args.layout == "packed" else f"padded to {padded_len}")
     print(f"{args.variant}: {params / 1e6:.0f}M parameters, {per_sample / 1e9:.0f} GFLOP per sample "
-          f"(fwd + bwd, sequence {text_len})" + (f"; FlopCounterMode: {checked / 1e9:.1f} GFLOP, ours without the "
-                                                 f"attention-score terms it does not count on CPU: "
-                                                 f"{(per_sample - attention) / 1e9:.1f}" if checked else ""))
+          f"(fwd + bwd, {layout})")
+    if checked:
+        padded = training_step_flops(config, StepShape(1, 1, padded_len, targets_per_sample, 1))
+        padded_attention = sum(v for name, v in padded["forward_terms"].items() if "attn_scores" in name) * 3
+        print(f"check of the count, one text-first pair padded to {padded_len}: FlopCounterMode {checked / 1e9:.1f} "
+              f"GFLOP, ours without the attention-score terms it does not count on CPU "
+              f"{(padded['total'] - padded_attention) / 1e9:.1f}")
     print(f"assumed MFU {args.mfu}; global batch {args.global_batch}\n")
     table = format_table(rows, list(rows[0]))
     print(table)

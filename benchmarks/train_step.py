@@ -195,13 +195,19 @@ class CompiledLayers:
         self._put(self.eager)
 
 
+def layout_inputs(batch: PairBatch, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`input_ids`, `attention_mask` of a layout: padded to the context, or to the batch's longest sequence
+    (`dynamic`, and `packed`, which the model then packs itself)."""
+    if layout == "max_length":
+        return batch.padded_input_ids, batch.padded_attention_mask
+    return batch.input_ids, batch.attention_mask
+
+
 def ours_forward(model, layout: str):
     def forward(batch: PairBatch):
-        if layout == "dynamic":
-            ids, mask = batch.input_ids, batch.attention_mask
-        else:
-            ids, mask = batch.padded_input_ids, batch.padded_attention_mask
-        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values)
+        ids, mask = layout_inputs(batch, layout)
+        out = model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                    pack_sequences=layout == "packed")
         return {"loss": out.loss, "loss_generation": out.loss_generation, "loss_contrastive": out.loss_contrastive}
 
     return forward
@@ -236,7 +242,8 @@ RUN_SPECS = {
     "reference / max_length / AdamW fused": ("reference", "max_length", "fused", False),
     "ours / max_length / AdamW fused": ("ours", "max_length", "fused", False),
     "ours / dynamic / AdamW fused": ("ours", "dynamic", "fused", False),
-    "ours / dynamic / AdamW fused / compiled blocks": ("ours", "dynamic", "fused", True),
+    "ours / packed / AdamW fused": ("ours", "packed", "fused", False),
+    "ours / packed / AdamW fused / compiled blocks": ("ours", "packed", "fused", True),
 }
 
 
@@ -274,13 +281,13 @@ def build_runs(config, ours, reference, names) -> list[Run]:
 
 @torch.no_grad()
 def compare_losses(ours, reference, batches: list[PairBatch]) -> dict:
-    """Largest |ours - reference| of each loss over the batches, our dynamic and max_length layouts both.
+    """Largest |ours - reference| of each loss over the batches, in each of our layouts.
 
     The reference logs its losses already weighted; ours are compared after the same weighting.
     """
     config = ours.config
     diffs = {}
-    for layout in ("dynamic", "max_length"):
+    for layout in ("packed", "dynamic", "max_length"):
         forward = ours_forward(ours, layout)
         worst = {"loss": 0.0, "loss_generation": 0.0, "loss_contrastive": 0.0}
         for batch in batches:
@@ -299,13 +306,13 @@ def compare_losses(ours, reference, batches: list[PairBatch]) -> dict:
     return diffs
 
 
-def compare_gradients(ours, reference, batch: PairBatch) -> dict:
-    """Gradients of one batch, ours (dynamic padding) vs the reference (padded to the context), mapped
-    through the checkpoint converter: the largest |difference| relative to the largest |gradient|."""
+def compare_gradients(ours, reference, batch: PairBatch, layout: str) -> dict:
+    """Gradients of one batch, ours (in `layout`) vs the reference (padded to the context), mapped through
+    the checkpoint converter: the largest |difference| relative to the largest |gradient|."""
     from modeling_lcl.convert_lcl import convert_state_dict
 
     reference.losses(batch.pixel_values, batch.padded_input_ids)["loss"].backward()
-    ours_forward(ours, "dynamic")(batch)["loss"].backward()
+    ours_forward(ours, layout)(batch)["loss"].backward()
     theirs = convert_state_dict({name: p.grad for name, p in reference.model.named_parameters()}, ours.config)
     worst, scale = 0.0, 0.0
     for name, param in ours.named_parameters():
@@ -322,14 +329,21 @@ def compare_gradients(ours, reference, batch: PairBatch) -> dict:
 
 
 def step_shape(config, batch: PairBatch, layout: str) -> StepShape:
-    """What the step computes on (the reference and ours project only supervised positions through lm_head)."""
-    from modeling_lcl.loss_lcl import contrastive_soi_mask, generation_target_mask
+    """What the step computes on (the reference and ours project only supervised positions through lm_head).
 
-    ids = batch.input_ids if layout == "dynamic" else batch.padded_input_ids
-    mask = batch.attention_mask if layout == "dynamic" else batch.padded_attention_mask
+    Packed, the causal transformer runs on the rows of the model's own packing plan (`packing_lcl`)."""
+    from modeling_lcl.loss_lcl import contrastive_soi_mask, generation_target_mask, loss_prefix_lengths
+    from modeling_lcl.packing_lcl import plan_packing
+
+    ids, mask = layout_inputs(batch, layout)
     targets = generation_target_mask(ids, mask, config.image_token_id, config.image_end_token_id)
     pairs = contrastive_soi_mask(ids, mask, config.image_start_token_id)
-    return StepShape(batch.pixel_values.shape[0], ids.shape[0], ids.shape[1], int(targets.sum()), int(pairs.sum()))
+    num_rows, row_length = ids.shape
+    if layout == "packed":
+        lengths = loss_prefix_lengths(ids, mask, config.image_token_id, config.image_end_token_id,
+                                      config.image_start_token_id)
+        num_rows, row_length = plan_packing(lengths.tolist(), ids.shape[1]).packed_shape
+    return StepShape(batch.pixel_values.shape[0], num_rows, row_length, int(targets.sum()), int(pairs.sum()))
 
 
 def time_runs(runs: list[Run], batches: list[PairBatch], warmup: int, steps: int) -> list[float]:
@@ -486,15 +500,19 @@ def main(argv=None):
     names = run_names(args)
     batches = make_pair_batches(config, args.batch_size, args.warmup + args.steps, args.seed)
     lengths = [n for b in batches for n in b.caption_lengths]
+    packed = [step_shape(config, b, "packed") for b in batches]
     print(f"{args.variant}, batch {args.batch_size}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"caption lengths: median {median(lengths):.0f}, max {max(lengths)}; dynamic lengths per batch: "
-          f"{[b.input_ids.shape[1] for b in batches]} (reference: {config.text_config.max_position_embeddings})")
+          f"{[b.input_ids.shape[1] for b in batches]} (reference: {config.text_config.max_position_embeddings}); "
+          f"packed rows x length: {[(s.num_sequences, s.sequence_length) for s in packed]}")
 
     ours, reference = build_models(args, config)
     parity = None
     if reference is not None:
         parity = compare_losses(ours, reference, batches)
-        parity["gradients_first_batch"] = compare_gradients(ours, reference, batches[0])
+        parity["gradients_first_batch"] = {
+            layout: compare_gradients(ours, reference, batches[0], layout) for layout in ("packed", "dynamic")
+        }
         print(f"parity vs reference (max |diff| over {len(batches)} batches, same initial weights): {parity}")
 
     runs = build_runs(config, ours, reference, names)
@@ -530,8 +548,11 @@ def main(argv=None):
             row[f"vs_ref_{key}_best"] = baseline["best_step_s"] / row["best_step_s"] if baseline else None
 
     example = training_step_flops(config, step_shape(config, batches[args.warmup], "dynamic"))
+    example_packed = training_step_flops(config, step_shape(config, batches[args.warmup], "packed"))
     print()
     print(format_flops(example))
+    print("packed:")
+    print(format_flops(example_packed))
     print(f"\nfp32 matmul peak (4096^3 torch.mm, {torch.get_num_threads()} threads), measured after each round: "
           f"{', '.join(f'{p / 1e9:.0f}' for p in peaks)} GFLOP/s; MFU uses the largest, {peak / 1e9:.1f}\n")
     columns = ["run", "step_s", "best_step_s", "spread", "images_per_s", "tokens_per_s", "forward_s", "backward_s", "optimizer_s",
@@ -547,10 +568,12 @@ def main(argv=None):
         "settings": {k: v for k, v in vars(args).items() if k != "worker"},
         "caption_lengths": {"median": median(lengths), "max": max(lengths),
                             "per_batch": [b.caption_lengths for b in batches],
-                            "dynamic_sequence_lengths": [b.input_ids.shape[1] for b in batches]},
+                            "dynamic_sequence_lengths": [b.input_ids.shape[1] for b in batches],
+                            "packed_rows_and_length": [(s.num_sequences, s.sequence_length) for s in packed]},
         "matmul_peak_gflop_per_s": {"used": peak / 1e9, "each_round": [p / 1e9 for p in peaks]},
         "loss_parity_vs_reference": parity,
         "flops_example_step": example,
+        "flops_example_step_packed": example_packed,
         "runs": summaries,
         "table": table,
     }
