@@ -88,6 +88,17 @@ def test_encode_texts_chunk_cache_is_bounded(test_tokenizer, monkeypatch):
     assert len(test_tokenizer._chunk_ids) == 5  # emptied before each text here; the last one has 5 chunks
 
 
+def test_encode_texts_on_a_cold_cache_gives_the_pipeline_ids(clip_tokenizer):
+    """The miss path of the chunk cache: repeated chunks, special-token strings spelled as text, punctuation
+    runs and texts that clean to nothing."""
+    texts = ["the the cat's <start_of_img> the!!", "\u00a0", "", "Hello, WORLD... 7:30pm kariven &amp; co"]
+    clip_tokenizer.__dict__.pop("_chunk_ids", None)
+    assert clip_tokenizer.encode_texts(texts) == pipeline_ids(clip_tokenizer, texts)
+    cache = clip_tokenizer._chunk_ids
+    assert cache["the"] == pipeline_ids(clip_tokenizer, ["the"])[0] and "" in cache
+    assert clip_tokenizer.image_start_token_id not in cache["<start_of_img>"]
+
+
 def test_clip_special_ids_and_framing(clip_tokenizer):
     tok = clip_tokenizer
     assert len(tok) == 49411
