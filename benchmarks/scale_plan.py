@@ -93,20 +93,41 @@ def pair_prefix_lengths(config, caption_tokens: int) -> dict[str, int]:
     return {"image_first": config.num_image_tokens + 2 + caption_tokens, "text_first": caption_tokens + 2}
 
 
-def flops_per_sample(config, layout: str, text_len: int, caption_tokens: int) -> dict:
-    """`training_step_flops` of one pair: padded to `text_len`, or packed (the mean of the two layouts, each on
-    its own prefix, as varlen flash attention computes them)."""
+def packed_slots_per_sample(config, batch_size: int = 512, seed: int = 0) -> float:
+    """Token slots per pair in the rows `plan_packing` builds, on a sampled micro-batch of `batch_size` pairs
+    (caption lengths as in `train_step.py`: log-normal, median 12, sigma 0.6; half of the pairs image first).
+
+    Rows are no longer than the longest prefix, so the ~212-token image-first prefixes share a row with text-first
+    ones only: the rows hold the prefixes plus unused slots, which the linear layers still compute."""
+    import random
+
+    from train_step import sample_caption_lengths
+
+    from modeling_lcl.packing_lcl import plan_packing
+
+    context = config.text_config.max_position_embeddings
+    captions = sample_caption_lengths(random.Random(seed), batch_size, context - config.num_image_tokens - 4)
+    prefixes = [pair_prefix_lengths(config, c)["image_first" if i % 2 == 0 else "text_first"]
+                for i, c in enumerate(captions)]
+    rows, row_length = plan_packing(prefixes, context).packed_shape
+    return rows * row_length / batch_size
+
+
+def flops_per_sample(config, layout: str, text_len: float, caption_tokens: int) -> dict:
+    """`training_step_flops` of one pair: padded to `text_len`, or packed into rows of `text_len` slots per pair
+    (each layout on its own prefix, attention per segment as varlen flash attention computes it, plus the linear
+    layers on the unused slots)."""
     targets = caption_tokens + 1  # the caption and <soi> (text first) or <eot> (image first)
     if layout == "padded":
-        return training_step_flops(config, StepShape(1, 1, text_len, targets, 1))
+        return training_step_flops(config, StepShape(1, 1, int(text_len), targets, 1))
     prefixes = pair_prefix_lengths(config, caption_tokens)
     image_first = training_step_flops(config, StepShape(1, 1, prefixes["image_first"], targets, 0))
     text_first = training_step_flops(config, StepShape(1, 1, prefixes["text_first"], targets, 1))
-    return {
-        "forward_terms": {name: (value + text_first["forward_terms"][name]) / 2
-                          for name, value in image_first["forward_terms"].items()},
-        "total": (image_first["total"] + text_first["total"]) / 2,
-    }
+    terms = {name: (value + text_first["forward_terms"][name]) / 2 for name, value in image_first["forward_terms"].items()}
+    one_token = training_step_flops(config, StepShape(1, 1, 1, 0, 0))["forward_terms"]
+    per_token_linear = sum(one_token[name] for name in ("text_qkv_proj", "text_out_proj", "text_mlp"))
+    terms["text_unused_slots"] = (text_len - sum(prefixes.values()) / 2) * per_token_linear
+    return {"forward_terms": terms, "total": 3 * sum(terms.values()) - terms["vit_patch_embedding"]}
 
 
 def main(argv=None):
@@ -132,11 +153,10 @@ def main(argv=None):
     padded_len = args.text_len or config.text_config.max_position_embeddings
     # Half the pairs image-first, half text-first (a contrastive pair), ~14 generation targets of text each.
     targets_per_sample = args.caption_tokens + 1  # the caption and <soi> (text first) or <eot> (image first)
-    flops = flops_per_sample(config, args.layout, padded_len, args.caption_tokens)
+    text_len = padded_len if args.layout == "padded" else packed_slots_per_sample(config)
+    flops = flops_per_sample(config, args.layout, text_len, args.caption_tokens)
     per_sample = flops["total"]
-    # Activations grow with the tokens the causal transformer holds: the mean prefix when packed.
     prefixes = pair_prefix_lengths(config, args.caption_tokens)
-    text_len = padded_len if args.layout == "padded" else round(sum(prefixes.values()) / 2)
     checked = measured_flops_per_sample(config, padded_len, args.caption_tokens) if args.measure_flops else None
     attention = sum(value for name, value in flops["forward_terms"].items() if "attn_scores" in name) * 3
     params = num_parameters(config)
@@ -180,8 +200,9 @@ def main(argv=None):
                                       "grad_ckpt": activation_bytes_per_sample(config, text_len, True) / 2**30},
         "gpus": GPUS, "links": LINKS,
     }
-    layout = (f"packed prefixes: {prefixes['image_first']} tokens image first, {prefixes['text_first']} text first"
-              if args.layout == "packed" else f"padded to {padded_len}")
+    layout = (f"packed prefixes: {prefixes['image_first']} tokens image first, {prefixes['text_first']} text first, "
+              f"{text_len:.0f} token slots per pair in the packed rows" if args.layout == "packed"
+              else f"padded to {padded_len}")
     print(f"{args.variant}: {params / 1e6:.0f}M parameters, {per_sample / 1e9:.0f} GFLOP per sample "
           f"(fwd + bwd, {layout})")
     if checked:

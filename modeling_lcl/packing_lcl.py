@@ -83,8 +83,13 @@ def plan_packing(prefix_lengths: Sequence[int], sequence_length: int, device=Non
     unused slot, so the causal transformer still runs (and every rank of a distributed step calls it alike).
     """
     lengths = [int(n) for n in prefix_lengths]
-    if any(n < 0 or n > sequence_length for n in lengths):
-        raise ValueError(f"prefix lengths must lie in [0, {sequence_length}], got {lengths}.")
+    outside = [(row, n) for row, n in enumerate(lengths) if not 0 <= n <= sequence_length]
+    if outside:
+        row, n = outside[0]
+        raise ValueError(
+            f"prefix lengths must lie in [0, {sequence_length}] (the sequence length), got {n} for row {row}"
+            f"{f' and {len(outside) - 1} more rows' if len(outside) > 1 else ''}."
+        )
     capacity = max(lengths, default=0)
     placement, fills = best_fit_decreasing(lengths, capacity)
     if not fills:

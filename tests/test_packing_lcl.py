@@ -82,8 +82,10 @@ def test_a_batch_with_nothing_to_read_still_gets_one_row():
 
 
 def test_prefix_lengths_outside_the_sequence_are_rejected():
-    with pytest.raises(ValueError, match=r"prefix lengths must lie in \[0, 4\]"):
+    with pytest.raises(ValueError, match=r"must lie in \[0, 4\] \(the sequence length\), got 5 for row 1\.$"):
         plan_packing([2, 5], 4)
+    with pytest.raises(ValueError, match=r"got -1 for row 0 and 1 more rows"):
+        plan_packing([-1, 3, 9], 4)
 
 
 # ---------------------------------------------------------------------------------------------
