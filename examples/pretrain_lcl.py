@@ -11,6 +11,7 @@ model, processor and model card to `outputs/lcl-tiny-demo` and prints a results 
     lcl-pretrain --generation-loss-weight 0                 # contrastive only (CLIP-like)
     lcl-pretrain --contrastive-loss-weight 0                # generation only
     lcl-pretrain --data interleaved                         # digits as interleaved documents (or both)
+    lcl-pretrain --no-pack-sequences                        # run the causal transformer on every padded position
     lcl-pretrain --resume-from-checkpoint last              # continue from the newest complete checkpoint
 
 Any config of `hub_configs/`, real data and every `TrainingArguments` option are accepted:
