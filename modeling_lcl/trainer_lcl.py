@@ -182,6 +182,11 @@ class LCLTrainer(Trainer):
             config.generation_loss_weight if gen is None else gen,
         )
 
+    @property
+    def pack_sequences(self) -> bool:
+        """`LCLTrainingArguments.pack_sequences`; True with plain `TrainingArguments`, as its default."""
+        return getattr(self.args, "pack_sequences", True)
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """Prefetch the micro-batches of one optimizer step and count its global pairs and targets."""
         batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
@@ -222,7 +227,7 @@ class LCLTrainer(Trainer):
             **inputs,
             contrastive_loss_weight=weight_con,
             generation_loss_weight=weight_gen,
-            pack_sequences=getattr(self.args, "pack_sequences", True),
+            pack_sequences=self.pack_sequences,
         )
         loss = outputs.loss
         if counts is not None:
@@ -408,7 +413,7 @@ class LCLTrainer(Trainer):
             "steps": self.state.global_step,
             "contrastive_loss_weight": weight_con,
             "generation_loss_weight": weight_gen,
-            "pack_sequences": getattr(args, "pack_sequences", True),
+            "pack_sequences": self.pack_sequences,
             "seed": args.seed,
         }
 
